@@ -1,0 +1,175 @@
+"""Weight-only quantized linear layers (W8A16, W4A16, W2A16).
+
+A layer keeps integer codes for its weight and a float scale per output channel (N) or per group of
+S inputs (N, G); the input activations stay in floating point (the "A16" half of W8A16). Shapes:
+N = out_features, K = in_features, G = K / S groups of S = group_size, B/T = batch/tokens.
+
+Buffers, all registered so that `state_dict()` and memory footprints see every byte:
+    weight      int8 (N, K) at 8 bits; uint8 (N, ceil(K * bits / 8)) packed codes at 4 and 2 bits
+    scale       (N,) per-channel or (N, G) per-group, in the layer dtype (float32 for float16 layers)
+    zero_point  int8, the shape of `scale`; only when asymmetric
+    bias        (N,) in the layer dtype, or None
+
+The forward pass here is the plain one the course teaches: rebuild the float weight, then `F.linear`.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import packing
+from .quant import check_bits, get_scale, get_scale_and_zero_point, group_view, quantize_with
+
+
+def scale_dtype_for(dtype):
+    """Return the dtype scales are stored in for a layer of `dtype`.
+
+    float16 cannot hold scales below about 6e-8, so a row of weights near 1e-6 would get a zero scale;
+    such layers keep float32 scales. bfloat16 has float32's exponent range and keeps bfloat16.
+    """
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def default_symmetric(bits):
+    """Return whether `bits` quantizes symmetrically by default: 8 and 4 bits yes, 2 bits no.
+
+    Symmetric 2-bit codes can only use {-1, 0, 1} of the four codes [-2, 1]; a zero point puts all four
+    on the weight's range, which loses less.
+    """
+    return bits != 2
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer y = x W^T + b whose weight W is stored as `bits`-bit integer codes and scales."""
+
+    def __init__(self, in_features, out_features, bias=True, dtype=torch.float32, bits=8, group_size=None,
+                 symmetric=None):
+        super().__init__()
+        check_bits(bits)
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype={dtype} is the activation dtype and must be floating point, "
+                            f"for example torch.bfloat16")
+        if group_size is not None:
+            group_view(torch.empty(out_features, in_features, device="meta"), group_size)
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        self.symmetric = default_symmetric(bits) if symmetric is None else symmetric
+
+        # Zeros, not random values: a layer whose quantize() was forgotten outputs only its bias,
+        # which is obviously wrong, instead of plausible noise.
+        width = in_features if bits == 8 else packing.packed_width(in_features, bits)
+        code_dtype = torch.int8 if bits == 8 else torch.uint8
+        self.register_buffer("weight", torch.zeros(out_features, width, dtype=code_dtype))
+        scale_shape = (out_features,) if group_size is None else (out_features, in_features // group_size)
+        self.register_buffer("scale", torch.zeros(scale_shape, dtype=scale_dtype_for(dtype)))
+        if not self.symmetric:
+            self.register_buffer("zero_point", torch.zeros(scale_shape, dtype=torch.int8))
+        else:
+            self.zero_point = None
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype))
+        else:
+            self.bias = None
+
+    def extra_repr(self):
+        granularity = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"{granularity}, {kind}, bias={self.bias is not None}")
+
+    @torch.no_grad()
+    def quantize(self, weight, bias=None):
+        """Quantize a float weight (N, K) into this layer's buffers; copy `bias` too when given."""
+        check_weight(weight, (self.out_features, self.in_features))
+        w = weight.detach().to(self.weight.device)
+        scale, zero_point = self._scale_and_zero_point(w)
+
+        # Quantize with the scale as stored (possibly rounded to bf16), so codes and scale agree.
+        stored_scale = scale.to(self.scale.dtype)
+        grouped = w if self.group_size is None else group_view(w, self.group_size)  # (N, K) -> (N, G, S)
+        w_q = quantize_with(grouped, stored_scale, zero_point, self.bits).reshape(w.shape)
+
+        self.weight.copy_(w_q if self.bits == 8 else packing.pack(w_q, self.bits))
+        self.scale.copy_(stored_scale.reshape(self.scale.shape))
+        if zero_point is not None:
+            self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
+        if bias is not None and self.bias is not None:
+            self.bias.copy_(bias.detach())
+        return self
+
+    def _scale_and_zero_point(self, w):
+        axis = 0 if self.group_size is None else None
+        if self.symmetric:
+            return get_scale(w, self.bits, axis, self.group_size), None
+        return get_scale_and_zero_point(w, self.bits, axis, self.group_size)
+
+    def int_weight(self):
+        """Return the signed int8 codes (N, K), unpacking them at 4 and 2 bits."""
+        if self.bits == 8:
+            return self.weight
+        return packing.unpack(self.weight, self.bits, self.in_features)
+
+    def dequantized_weight(self, dtype=None):
+        """Return the float weight (N, K) that the codes and scales stand for, in `dtype` (default: scale's)."""
+        dtype = dtype or self.scale.dtype
+        w_q = self.int_weight()
+        if self.group_size is not None:
+            w_q = w_q.reshape(self.out_features, -1, self.group_size)  # (N, K) -> (N, G, S)
+        expand = (..., None)  # scale (N,) -> (N, 1), or (N, G) -> (N, G, 1)
+        w = w_q.float()
+        if self.zero_point is not None:
+            w = w - self.zero_point[expand].float()
+        w = w * self.scale[expand].float()
+        return w.reshape(self.out_features, self.in_features).to(dtype)
+
+    def forward(self, x):
+        check_input(x, self.in_features)
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
+
+
+class QuantizedLinearLayer(QuantizedLinear):
+    """The W8A16 layer: int8 weight (N, K), one scale per output channel (N,), optional bias (N,).
+
+    The int8 matmul is exact in the activation dtype for codes in [-128, 127], so the scale is applied
+    to the (T, N) output instead of the (N, K) weight: y = (x W_q^T) * scale + bias.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, dtype=torch.float32):
+        super().__init__(in_features, out_features, bias=bias, dtype=dtype, bits=8, group_size=None,
+                         symmetric=True)
+
+    def forward(self, x):
+        check_input(x, self.in_features)
+        y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y
+
+
+def check_weight(weight, expected_shape):
+    """Raise a clear error unless `weight` is a real, finite float tensor of `expected_shape`."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.is_meta:
+        raise ValueError("weight is on the meta device and has no values; load the real weights first "
+                         "(for example with from_pretrained without device_map, or load_state_dict)")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"weight must be floating point to quantize, got dtype {weight.dtype}; "
+                        f"is it quantized already?")
+    if tuple(weight.shape) != tuple(expected_shape):
+        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected {tuple(expected_shape)} (N, K)")
+    finite = torch.isfinite(weight)
+    if not finite.all():
+        n_nan = int(torch.isnan(weight).sum())
+        n_inf = int((~finite).sum()) - n_nan
+        raise ValueError(f"weight contains {n_nan} NaN and {n_inf} Inf values; a scale cannot be computed")
+
+
+def check_input(x, in_features):
+    """Raise a clear error unless `x` is a floating-point tensor whose last dimension is K."""
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        received = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"input must be a floating-point tensor (float32, bfloat16 or float16), got {received}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"input has shape {tuple(x.shape)}; expected the last dimension to be "
+                         f"in_features={in_features}, as in (B, T, {in_features})")
