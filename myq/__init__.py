@@ -15,7 +15,28 @@ The package prints nothing except progress bars on long work; it returns values 
 """
 
 from .footprint import bits_per_weight, footprint_bytes, footprint_mb
+from .evaluate import (
+    EMBEDDED_PROMPT,
+    OPT_350M_PROMPT,
+    bits_per_byte,
+    decode_tokens_per_second,
+    default_prompt,
+    generate,
+    negative_log_likelihood,
+    perplexity,
+)
 from .layers import QuantizedLinear, QuantizedLinearLayer
+from .models import (
+    DATA_DIR,
+    EMBEDDED_MODEL_DIR,
+    build_opt_350m,
+    held_out_text,
+    hub_reachable,
+    is_embedded_model,
+    load_embedded_model,
+    load_model,
+    opt_350m_config,
+)
 from .packing import pack, unpack
 from .quant import (
     SUPPORTED_BITS,

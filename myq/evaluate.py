@@ -1,0 +1,142 @@
+"""Measure a causal language model before and after quantization: perplexity, bits per byte, samples, speed.
+
+Perplexity uses a sliding window over the model's context: windows of `context_length` tokens advance by
+`stride`. Each window scores only the tokens no earlier window scored, so every token after the leading
+BOS is scored exactly once. Once the text is long enough, each has at least `context_length - stride`
+tokens of left context. Shapes: B/T = batch/tokens (windows are (1, T)).
+Left out: batching windows together, and any dataset download (the text is passed in as a string).
+"""
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .models import is_embedded_model
+
+# The same prompt before and after quantization makes the two samples comparable.
+OPT_350M_PROMPT = "Malaysia is a beautiful country and"
+EMBEDDED_PROMPT = "The list data type has some more methods."
+
+
+def default_prompt(model):
+    """Return the course's prompt for `model`: documentation prose for the embedded model."""
+    return EMBEDDED_PROMPT if is_embedded_model(model) else OPT_350M_PROMPT
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def token_ids(tokenizer, text):
+    """Return the token ids (T,) of `text`, starting with the tokenizer's BOS token."""
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"text must be a non-empty str, got {type(text).__name__} {text!r:.40}")
+    # verbose=False because a long text exceeds model_max_length on purpose: the windows handle it.
+    ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"][0]
+    bos = tokenizer.bos_token_id
+    if bos is not None and (len(ids) == 0 or ids[0] != bos):
+        ids = torch.cat([torch.tensor([bos]), ids])
+    return ids
+
+
+def _window_settings(model, context_length, stride):
+    """Return (context_length, stride) with the defaults filled in, or raise ValueError."""
+    limit = model.config.max_position_embeddings
+    context_length = limit if context_length is None else context_length
+    if not 2 <= context_length <= limit:
+        raise ValueError(f"context_length={context_length} must be between 2 and the model's "
+                         f"max_position_embeddings={limit}")
+    stride = context_length // 2 if stride is None else stride
+    if not 1 <= stride <= context_length - 1:
+        raise ValueError(f"stride={stride} must be between 1 and context_length - 1 = {context_length - 1}")
+    return context_length, stride
+
+
+def window_spans(n_tokens, context_length, stride):
+    """Yield (begin, end, first_scored) for each window over `n_tokens` ids.
+
+    The window is ids[begin:end]. It scores the tokens first_scored..end-1, each predicted from the
+    tokens before it in the window, so the scored ranges tile 1..n_tokens-1 without overlap.
+    """
+    begin, scored_up_to = 0, 1
+    while scored_up_to < n_tokens:
+        end = min(begin + context_length, n_tokens)
+        yield begin, end, scored_up_to
+        scored_up_to = end
+        begin += stride
+
+
+@torch.inference_mode()
+def negative_log_likelihood(model, tokenizer, text, context_length=None, stride=None, progress=False):
+    """Return (nll_sum, n_tokens): total negative log-likelihood in nats and the number of tokens scored."""
+    context_length, stride = _window_settings(model, context_length, stride)
+    ids = token_ids(tokenizer, text).to(_device(model))
+    if len(ids) < 2:
+        raise ValueError(f"text {text!r:.40} has no token to score after the BOS token")
+    spans = list(window_spans(len(ids), context_length, stride))
+    if progress:
+        from tqdm.auto import tqdm
+        spans = tqdm(spans, desc="perplexity", unit="window")
+    nll_sum, n_tokens = 0.0, 0
+    for begin, end, first in spans:
+        window = ids[begin:end]
+        logits = model(input_ids=window[None]).logits[0, :-1].float()  # (T - 1, vocab): predicts window[1:]
+        nll = F.cross_entropy(logits[first - begin - 1:], window[first - begin:], reduction="sum")
+        nll_sum += nll.item()
+        n_tokens += end - first
+    return nll_sum, n_tokens
+
+
+def perplexity(model, tokenizer, text, context_length=None, stride=None, progress=False):
+    """Return the token perplexity exp(mean NLL) of `text` under `model`, by sliding window."""
+    nll_sum, n_tokens = negative_log_likelihood(model, tokenizer, text, context_length, stride, progress)
+    return math.exp(nll_sum / n_tokens)
+
+
+def bits_per_byte(model, tokenizer, text, context_length=None, stride=None, progress=False):
+    """Return the NLL of `text` in bits per UTF-8 byte: comparable across tokenizers and with compressors."""
+    nll_sum, _ = negative_log_likelihood(model, tokenizer, text, context_length, stride, progress)
+    return nll_sum / math.log(2) / len(text.encode("utf-8"))
+
+
+def _greedy(model, tokenizer, prompt, new_tokens, exact):
+    """Return the output ids (1, T) of a greedy decode; `exact` forces exactly `new_tokens` new tokens."""
+    inputs = tokenizer(prompt, return_tensors="pt").to(_device(model))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # Passing every setting explicitly keeps generate() from warning about defaults.
+    settings = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad, num_beams=1,
+                    temperature=None, top_p=None, top_k=None)
+    if exact:
+        settings["min_new_tokens"] = new_tokens
+    with torch.inference_mode():
+        return model.generate(**inputs, **settings), inputs["input_ids"].shape[1]
+
+
+def generate(model, tokenizer, prompt, max_new_tokens=30):
+    """Return the greedy continuation of `prompt` (the new text only), deterministic for a given model."""
+    output, prompt_length = _greedy(model, tokenizer, prompt, max_new_tokens, exact=False)
+    return tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True)
+
+
+def _synchronize(model):
+    if _device(model).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_tokens_per_second(model, tokenizer, prompt, new_tokens=32, warmup=1):
+    """Return greedy decode speed in new tokens per second, timed after `warmup` untimed runs.
+
+    Exactly `new_tokens` tokens are generated every time (end-of-text is suppressed), so runs before and
+    after quantization do the same work.
+    """
+    if not isinstance(new_tokens, int) or new_tokens < 1:
+        raise ValueError(f"new_tokens={new_tokens!r} must be a positive int, for example 32")
+    for _ in range(warmup):
+        _greedy(model, tokenizer, prompt, new_tokens, exact=True)
+    _synchronize(model)
+    start = time.perf_counter()
+    _greedy(model, tokenizer, prompt, new_tokens, exact=True)
+    _synchronize(model)
+    return new_tokens / (time.perf_counter() - start)
