@@ -30,6 +30,18 @@ def scale_dtype_for(dtype):
     return torch.float32 if dtype == torch.float16 else dtype
 
 
+def round_scale_up(scale, dtype):
+    """Cast float32 `scale` to `dtype`, rounding up wherever the nearest value would be smaller.
+
+    A scale rounded down shrinks the grid, so the extreme weights clamp and can miss their code by more
+    than half a step (by about one step at 8 bits asymmetric in bfloat16). With a scale rounded up, every
+    weight stays within half a step of a code, also with a zero point computed from the unrounded scale.
+    """
+    stored = scale.to(dtype)
+    rounded_down = stored.float() < scale.float()
+    return torch.where(rounded_down, torch.nextafter(stored, torch.full_like(stored, float("inf"))), stored)
+
+
 def default_symmetric(bits):
     """Return whether `bits` quantizes symmetrically by default: 8 and 4 bits yes, 2 bits no.
 
@@ -84,8 +96,8 @@ class QuantizedLinear(nn.Module):
         w = weight.detach().to(self.weight.device)
         scale, zero_point = self._scale_and_zero_point(w)
 
-        # Quantize with the scale as stored (possibly rounded to bf16), so codes and scale agree.
-        stored_scale = scale.to(self.scale.dtype)
+        # Quantize with the scale as stored (possibly rounded up to bf16), so codes and scale agree.
+        stored_scale = round_scale_up(scale, self.scale.dtype)
         grouped = w if self.group_size is None else group_view(w, self.group_size)  # (N, K) -> (N, G, S)
         w_q = quantize_with(grouped, stored_scale, zero_point, self.bits).reshape(w.shape)
 

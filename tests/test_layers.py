@@ -99,3 +99,43 @@ def test_nan_weight_rejected():
 def test_meta_weight_rejected():
     with pytest.raises(ValueError, match="meta device"):
         QuantizedLinearLayer(8, 2).quantize(torch.empty(2, 8, device="meta"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grid_weight_round_trips_with_groups(dtype):
+    # Each group of 16 has its own power-of-two step and uses code 7, so max|w| / 7 is that step exactly.
+    torch.manual_seed(0)
+    codes = torch.randint(-7, 8, (4, 64)).float()
+    codes[:, ::16] = 7
+    steps = torch.tensor([0.5, 0.125, 2.0, 0.03125]).repeat_interleave(16)  # (K,)
+    w = (codes * steps).to(dtype)
+    layer = QuantizedLinear(64, 4, bits=4, group_size=16, dtype=dtype).quantize(w)
+    assert torch.equal(layer.int_weight().float(), codes)
+    assert torch.equal(layer.dequantized_weight(dtype), w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits,symmetric", [(8, True), (8, False), (4, True), (4, False), (2, True), (2, False)])
+def test_groupwise_error_within_half_step(dtype, bits, symmetric):
+    torch.manual_seed(0)
+    w = (torch.randn(32, 256) * torch.rand(32, 1) * 3 + torch.randn(32, 1)).to(dtype)
+    layer = QuantizedLinear(256, 32, bits=bits, group_size=32, symmetric=symmetric, dtype=dtype).quantize(w)
+    error = (layer.dequantized_weight(torch.float32) - w.float()).abs().reshape(32, 8, 32)  # (N, K) -> (N, G, S)
+    step = layer.scale.float().reshape(32, 8, 1)
+    assert (error <= (0.5 + 1e-4) * step).all()  # slack for float32 rounding of weights exactly half-way
+
+
+def test_bfloat16_scale_never_rounded_down():
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    layer = QuantizedLinear(128, 64, bits=4, group_size=32, dtype=torch.bfloat16).quantize(w)
+    exact = w.reshape(64, 4, 32).abs().amax(dim=-1) / 7  # (N, K) -> (N, G, S) -> (N, G)
+    assert (layer.scale.float() >= exact).all()
+    assert (layer.scale.float() < exact * (1 + 2 ** -7)).all()  # at most one bfloat16 step above
+
+
+@pytest.mark.parametrize("group_size", [48, 0, -32, 512])
+def test_bad_group_size_names_both_numbers(group_size):
+    with pytest.raises(ValueError, match=rf"group_size={group_size} does not divide K=256; "
+                                         rf"sizes that divide it: \[256, 128, 64, 32"):
+        QuantizedLinear(256, 8, bits=4, group_size=group_size)

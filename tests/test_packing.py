@@ -55,3 +55,14 @@ def test_unpack_rejects_wrong_width():
 def test_unpackable_bits_rejected(bits):
     with pytest.raises(ValueError, match=r"use one of \(2, 4\)"):
         pack(torch.zeros(4, dtype=torch.int8), bits)
+
+
+@pytest.mark.parametrize("bits,codes,expected", [
+    (4, [-3], [0x85]),                  # padding code 0 is stored as 8 in the high nibble
+    (4, [1, 2, 3], [0xA9, 0x8B]),
+    (2, [-2, 1, 0, -1, 1], [0x6C, 0xAB]),  # 0b01_10_11_00, then 3 padding slots of stored 2
+])
+def test_odd_width_pads_with_code_zero(bits, codes, expected):
+    packed = pack(torch.tensor(codes, dtype=torch.int8), bits)
+    assert packed.tolist() == expected
+    assert unpack(packed, bits, len(codes)).tolist() == codes
