@@ -38,6 +38,7 @@ from .models import (
     opt_350m_config,
 )
 from .packing import pack, unpack
+from .plots import plot_error_by_granularity, plot_weight_histogram, quantization_grid
 from .quant import (
     SUPPORTED_BITS,
     get_scale,
