@@ -49,6 +49,7 @@ from .quant import (
     mean_squared_error,
     sqnr_db,
 )
+from .serialization import load_quantized, save_quantized
 from .swap import (
     QuantizationConfig,
     SwapReport,
