@@ -7,6 +7,7 @@ tokens of left context. Shapes: B/T = batch/tokens (windows are (1, T)).
 Left out: batching windows together, and any dataset download (the text is passed in as a string).
 """
 
+import itertools
 import math
 import time
 
@@ -26,7 +27,10 @@ def default_prompt(model):
 
 
 def _device(model):
-    return next(model.parameters()).device
+    """Return the device of the model's first parameter or buffer (a quantized layer has only buffers)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def token_ids(tokenizer, text):
@@ -89,16 +93,26 @@ def negative_log_likelihood(model, tokenizer, text, context_length=None, stride=
     return nll_sum, n_tokens
 
 
+def perplexity_from_nll(nll_sum, n_tokens):
+    """Return exp(nll_sum / n_tokens), the perplexity of a `negative_log_likelihood` result."""
+    return math.exp(nll_sum / n_tokens)
+
+
+def bits_per_byte_from_nll(nll_sum, text):
+    """Return nll_sum (nats) in bits per UTF-8 byte of `text`."""
+    return nll_sum / math.log(2) / len(text.encode("utf-8"))
+
+
 def perplexity(model, tokenizer, text, context_length=None, stride=None, progress=False):
     """Return the token perplexity exp(mean NLL) of `text` under `model`, by sliding window."""
     nll_sum, n_tokens = negative_log_likelihood(model, tokenizer, text, context_length, stride, progress)
-    return math.exp(nll_sum / n_tokens)
+    return perplexity_from_nll(nll_sum, n_tokens)
 
 
 def bits_per_byte(model, tokenizer, text, context_length=None, stride=None, progress=False):
     """Return the NLL of `text` in bits per UTF-8 byte: comparable across tokenizers and with compressors."""
     nll_sum, _ = negative_log_likelihood(model, tokenizer, text, context_length, stride, progress)
-    return nll_sum / math.log(2) / len(text.encode("utf-8"))
+    return bits_per_byte_from_nll(nll_sum, text)
 
 
 def _greedy(model, tokenizer, prompt, new_tokens, exact):
@@ -125,18 +139,23 @@ def _synchronize(model):
         torch.cuda.synchronize()
 
 
-def decode_tokens_per_second(model, tokenizer, prompt, new_tokens=32, warmup=1):
-    """Return greedy decode speed in new tokens per second, timed after `warmup` untimed runs.
+def decode_tokens_per_second(model, tokenizer, prompt, new_tokens=32, warmup=1, repeats=3):
+    """Return greedy decode speed in new tokens per second: the fastest of `repeats` timed runs.
 
-    Exactly `new_tokens` tokens are generated every time (end-of-text is suppressed), so runs before and
-    after quantization do the same work.
+    `warmup` untimed runs come first. Exactly `new_tokens` tokens are generated every time (end-of-text
+    is suppressed), so runs before and after quantization do the same work. The fastest run is the one
+    least disturbed by other work on the machine.
     """
-    if not isinstance(new_tokens, int) or new_tokens < 1:
-        raise ValueError(f"new_tokens={new_tokens!r} must be a positive int, for example 32")
+    for name, value in (("new_tokens", new_tokens), ("repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive int, for example 32 tokens or 3 repeats")
     for _ in range(warmup):
         _greedy(model, tokenizer, prompt, new_tokens, exact=True)
-    _synchronize(model)
-    start = time.perf_counter()
-    _greedy(model, tokenizer, prompt, new_tokens, exact=True)
-    _synchronize(model)
-    return new_tokens / (time.perf_counter() - start)
+    seconds = []
+    for _ in range(repeats):
+        _synchronize(model)
+        start = time.perf_counter()
+        _greedy(model, tokenizer, prompt, new_tokens, exact=True)
+        _synchronize(model)
+        seconds.append(time.perf_counter() - start)
+    return new_tokens / min(seconds)
