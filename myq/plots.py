@@ -30,8 +30,8 @@ def quantization_grid(scale, zero_point=None, bits=8):
 def _single_value(value, name, dtype):
     tensor = torch.as_tensor(value).detach().cpu()
     if tensor.numel() != 1:
-        raise ValueError(f"{name} must be a single value (per-tensor), got shape {tuple(tensor.shape)}; "
-                         f"for per-channel scales, plot one row at a time with its own {name}")
+        raise ValueError(f"{name} must be a single value (per-tensor), got shape {tuple(tensor.shape)}. "
+                         f"For per-channel scales, plot one row at a time with its own {name}")
     return tensor.reshape(()).to(dtype)
 
 
@@ -65,11 +65,11 @@ def plot_error_by_granularity(rows, ax=None, metric="sqnr_db"):
     {"granularity": "per-channel", "mse": 1.2e-5, "sqnr_db": 38.1}. The bar heights are the metric values.
     """
     if not rows:
-        raise ValueError("rows is empty; pass one dict per granularity, e.g. {'granularity': 'per-tensor', "
+        raise ValueError("rows is empty. Pass one dict per granularity, e.g. {'granularity': 'per-tensor', "
                          "'sqnr_db': 30.0}")
     missing = [row for row in rows if "granularity" not in row or metric not in row]
     if missing:
-        raise ValueError(f"every row needs the keys 'granularity' and {metric!r}; this row has "
+        raise ValueError(f"every row needs the keys 'granularity' and {metric!r}. This row has "
                          f"{sorted(missing[0])}")
     ax = ax if ax is not None else _new_axes(figsize=(5, 3))
 

@@ -32,14 +32,14 @@ def test_grid_has_one_line_per_code(bits):
     assert len(grid_lines(ax)) == 2 ** bits
 
 
-def test_symmetric_grid_positions_are_codes_times_scale():
+def test_symmetric_grid_is_codes_times_scale():
     scale = torch.tensor(0.5)
     ax = plot_weight_histogram(torch.tensor([-1.0, 0.25, 1.0]), scale, bits=4)
     expected = np.arange(-8, 8) * 0.5
     assert np.array_equal(grid_lines(ax), expected)
 
 
-def test_asymmetric_grid_positions_subtract_zero_point():
+def test_asymmetric_grid_subtracts_zero_point():
     torch.manual_seed(0)
     w = torch.relu(torch.randn(256))
     scale, zero_point = get_scale_and_zero_point(w, 8)
