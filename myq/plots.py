@@ -1,4 +1,5 @@
-"""Plots for the course notebooks: weight histograms over the quantization grid, errors by granularity.
+"""Plots for the course notebooks: weight histograms over the quantization grid, errors by granularity,
+model footprints and perplexity against bits per weight.
 
 Each function draws on the matplotlib Axes it is given (or on a new Figure) and returns that Axes. It never
 calls `plt.show()` and prints nothing, so the notebook decides when to display. `w` may have any shape, and
@@ -79,6 +80,56 @@ def plot_error_by_granularity(rows, ax=None, metric="sqnr_db"):
     ax.set_ylabel(ERROR_LABELS.get(metric, metric))
     ax.set_xlabel("granularity")
     return ax
+
+
+def plot_footprints(rows, ax=None):
+    """Draw a bar chart of model footprints, one bar per row in order, each labelled with its size in MB.
+
+    `rows` is a list of dicts with the keys "label" and "footprint_mb", for example
+    {"label": "W4 g128", "footprint_mb": 212.6}, as `myq.sweep.perplexity_sweep` returns them.
+    """
+    _check_rows(rows, ("label", "footprint_mb"))
+    ax = ax if ax is not None else _new_axes(figsize=(6, 3))
+
+    bars = ax.bar([str(row["label"]) for row in rows], [float(row["footprint_mb"]) for row in rows],
+                  color="tab:blue")
+    ax.bar_label(bars, fmt="%.1f")
+    ax.set_ylabel("footprint (MB)")
+    ax.margins(y=0.15)  # room for the labels above the tallest bar
+    return ax
+
+
+def plot_perplexity_vs_bits(rows, ax=None, log_scale=True):
+    """Draw perplexity against bits per weight, one point per row, each annotated with its label.
+
+    `rows` is a list of dicts with the keys "label", "bits_per_weight" and "perplexity", as
+    `myq.sweep.perplexity_sweep` returns them. The y axis is logarithmic by default, because 2-bit
+    perplexities can be orders of magnitude above 8-bit ones.
+    """
+    _check_rows(rows, ("label", "bits_per_weight", "perplexity"))
+    ax = ax if ax is not None else _new_axes(figsize=(7, 4))
+
+    x = [float(row["bits_per_weight"]) for row in rows]
+    y = [float(row["perplexity"]) for row in rows]
+    ax.scatter(x, y, color="tab:blue", zorder=2)
+    for row, x_value, y_value in zip(rows, x, y):
+        ax.annotate(str(row["label"]), (x_value, y_value), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (codes + scales + zero points)")
+    ax.set_ylabel("perplexity")
+    ax.grid(True, alpha=0.3)
+    return ax
+
+
+def _check_rows(rows, keys):
+    """Raise ValueError unless `rows` is a non-empty list of dicts that all have `keys`."""
+    if not rows:
+        raise ValueError(f"rows is empty. Pass one dict per bar or point, with the keys {list(keys)}")
+    for row in rows:
+        missing = [key for key in keys if key not in row]
+        if missing:
+            raise ValueError(f"every row needs the keys {list(keys)}. The row {row} is missing {missing}")
 
 
 def _new_axes(figsize):

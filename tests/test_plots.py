@@ -7,7 +7,13 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from myq.plots import plot_error_by_granularity, plot_weight_histogram, quantization_grid  # noqa: E402
+from myq.plots import (  # noqa: E402
+    plot_error_by_granularity,
+    plot_footprints,
+    plot_perplexity_vs_bits,
+    plot_weight_histogram,
+    quantization_grid,
+)
 from myq.quant import get_scale, get_scale_and_zero_point  # noqa: E402
 
 
@@ -105,3 +111,31 @@ def test_bar_chart_rejects_missing_metric():
 def test_bar_chart_rejects_empty_rows():
     with pytest.raises(ValueError, match="rows is empty"):
         plot_error_by_granularity([])
+
+
+FOOTPRINT_ROWS = [{"label": "bf16", "footprint_mb": 662.4}, {"label": "W8", "footprint_mb": 359.8},
+                  {"label": "W4 g128", "footprint_mb": 212.6}, {"label": "W2 g128", "footprint_mb": 139.2}]
+
+
+def test_footprint_bars_in_row_order():
+    ax = plot_footprints(FOOTPRINT_ROWS)
+    assert [patch.get_height() for patch in ax.patches] == [662.4, 359.8, 212.6, 139.2]
+    assert [label.get_text() for label in ax.get_xticklabels()] == ["bf16", "W8", "W4 g128", "W2 g128"]
+    assert [text.get_text() for text in ax.texts] == ["662.4", "359.8", "212.6", "139.2"]
+
+
+def test_perplexity_points_and_labels():
+    rows = [{"label": "W8 per-channel", "bits_per_weight": 8.0156, "perplexity": 20.1},
+            {"label": "W2 g32", "bits_per_weight": 2.75, "perplexity": 310.0}]
+    ax = plot_perplexity_vs_bits(rows)
+    assert ax.collections[0].get_offsets().tolist() == [[8.0156, 20.1], [2.75, 310.0]]
+    assert [text.get_text() for text in ax.texts] == ["W8 per-channel", "W2 g32"]
+    assert ax.get_yscale() == "log"
+    assert plot_perplexity_vs_bits(rows, log_scale=False).get_yscale() == "linear"
+
+
+def test_sweep_plots_reject_missing_key():
+    with pytest.raises(ValueError, match=r"is missing \['perplexity'\]"):
+        plot_perplexity_vs_bits([{"label": "W4", "bits_per_weight": 4.125}])
+    with pytest.raises(ValueError, match="rows is empty"):
+        plot_perplexity_vs_bits([])
