@@ -3,6 +3,8 @@
 `python -m myq quantize [MODEL]` loads a model (facebook/opt-350m by default, the embedded model
 offline) and quantizes its linear layers with `myq.quantize_model`. It prints one before/after report:
 footprint, perplexity and bits per byte on a held-out text, decode speed and a greedy sample.
+`python -m myq generate DIR PROMPT` loads a folder that `quantize --save` wrote (or a Hub repo id) with
+`myq.load_quantized` and prints the greedy continuation of PROMPT.
 
 Each subcommand is a pair: `add_<name>_parser(subparsers)` declares its flags and sets `run`, the function
 that receives the parsed arguments and returns the exit status. Adding one means writing such a pair and
@@ -18,6 +20,7 @@ import torch
 from . import evaluate, models
 from .footprint import footprint_mb
 from .quant import SUPPORTED_BITS
+from .serialization import load_quantized
 from .swap import _check_targets, find_linears, quantize_model
 
 USAGE_ERROR = 2
@@ -63,8 +66,25 @@ def add_quantize_parser(subparsers):
     return parser
 
 
+def add_generate_parser(subparsers):
+    """Declare `generate` and its flags."""
+    parser = subparsers.add_parser(
+        "generate", help="load a saved quantized model and print a greedy continuation",
+        description="Load a folder written by `quantize --save` (or myq.save_quantized) and print the greedy "
+                    "continuation of PROMPT.")
+    parser.add_argument("directory", metavar="DIR", help="saved folder, or a Hugging Face Hub repo id")
+    parser.add_argument("prompt", metavar="PROMPT", help="text to continue")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=SAMPLE_TOKENS, metavar="N",
+                        help="maximum number of tokens to generate (default: %(default)s)")
+    parser.add_argument("--offline", action="store_true", help="for a repo id, look only in the local Hub cache")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: %(default)s)")
+    parser.set_defaults(run=run_generate)
+    return parser
+
+
 # Each entry declares one subcommand on the subparsers object it is given.
-SUBCOMMANDS = (add_quantize_parser,)
+SUBCOMMANDS = (add_quantize_parser, add_generate_parser)
 
 
 def build_parser():
@@ -186,6 +206,21 @@ def run_quantize(args):
     if args.save is not None:
         header.append(("save", save_model(model, tokenizer, args.save)))
     print(format_report(header, before, after))
+    return 0
+
+
+def run_generate(args):
+    """Load the saved model in `args.directory`, print the continuation of `args.prompt`; return the status."""
+    try:
+        model, tokenizer = load_quantized(args.directory, offline=True if args.offline else None)
+    except OSError as error:
+        # A missing folder or file is a wrong argument of this command: exit with the usage status.
+        raise ValueError(str(error)) from error
+    if tokenizer is None:
+        raise ValueError(f"{args.directory} has no tokenizer; save the model with "
+                         f"myq.save_quantized(model, directory, tokenizer=tokenizer)")
+    model.to(args.device)
+    print(evaluate.generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens))
     return 0
 
 

@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,6 +11,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import myq
+from myq import cli
+from myq.models import EMBEDDED_MODEL_DIR
 from myq.serialization import FORMAT_VERSION, INDEX_FILE, QUANTIZATION_FILE, WEIGHTS_FILE, parse_size
 
 SETTINGS = [(8, None), (8, 32), (4, None), (4, 32), (2, None), (2, 32)]
@@ -260,3 +265,34 @@ def test_parse_size_units(size, expected):
 def test_parse_size_rejects_bad_values(size):
     with pytest.raises(ValueError, match="max_shard_size="):
         parse_size(size)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "myq", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.mark.skipif(not (EMBEDDED_MODEL_DIR / "config.json").is_file(), reason="the embedded model is not here")
+def test_cli_quantize_save_then_generate(tmp_path):
+    folder = tmp_path / "w4"
+    quantized = run_cli("quantize", "--offline", "--bits", "4", "--group-size", "128", "--eval-chars", "2000",
+                        "--save", str(folder))
+    assert quantized.returncode == 0, quantized.stderr
+    generated = run_cli("generate", str(folder), "def add(a, b):", "--max-new-tokens", "8")
+    assert generated.returncode == 0, generated.stderr
+    model, tokenizer = myq.load_quantized(folder)
+    assert generated.stdout == myq.generate(model, tokenizer, "def add(a, b):", max_new_tokens=8) + "\n"
+    assert (folder / "tokenizer_config.json").is_file()
+
+
+def test_cli_generate_missing_folder(tmp_path, capsys):
+    assert cli.main(["generate", str(tmp_path / "nowhere"), "hello"]) == 2
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1
+    assert "no folder" in message
+
+
+def test_cli_generate_without_tokenizer(saved, capsys):
+    _, folder = saved
+    assert cli.main(["generate", str(folder), "hello"]) == 2
+    assert "has no tokenizer" in capsys.readouterr().err
