@@ -36,6 +36,7 @@ from .models import (
     load_embedded_model,
     load_model,
     opt_350m_config,
+    runtime_dtype,
 )
 from .packing import pack, unpack
 from .plots import plot_error_by_granularity, plot_weight_histogram, quantization_grid

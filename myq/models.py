@@ -155,3 +155,18 @@ def build_opt_350m(dtype=torch.bfloat16, seed=0):
         # _from_config builds the tensors directly in `dtype`, so no float32 copy (1.3 GB) is made.
         model = OPTForCausalLM._from_config(opt_350m_config(), dtype=dtype)
     return model.eval()
+
+
+def runtime_dtype():
+    """Return (device, dtype, reason): where the notebooks run models, in which float dtype, and why.
+
+    bfloat16 on the CPU and on GPUs that compute in it natively (compute capability 8.0 and up);
+    float16 on older GPUs such as the T4 of Colab's free tier.
+    """
+    if not torch.cuda.is_available():
+        return "cpu", torch.bfloat16, "no GPU: bfloat16 on the CPU"
+    name = torch.cuda.get_device_name()
+    # By default torch also reports bfloat16 as supported where it is only emulated (T4), which is slow.
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return "cuda", torch.bfloat16, f"GPU {name}: bfloat16, which it supports natively"
+    return "cuda", torch.float16, f"GPU {name}: float16, because it has no native bfloat16"
