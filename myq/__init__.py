@@ -39,7 +39,13 @@ from .models import (
     runtime_dtype,
 )
 from .packing import pack, unpack
-from .plots import plot_error_by_granularity, plot_weight_histogram, quantization_grid
+from .plots import (
+    plot_error_by_granularity,
+    plot_footprints,
+    plot_perplexity_vs_bits,
+    plot_weight_histogram,
+    quantization_grid,
+)
 from .quant import (
     SUPPORTED_BITS,
     get_scale,
