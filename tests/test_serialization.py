@@ -296,3 +296,17 @@ def test_cli_generate_without_tokenizer(saved, capsys):
     _, folder = saved
     assert cli.main(["generate", str(folder), "hello"]) == 2
     assert "has no tokenizer" in capsys.readouterr().err
+
+
+def test_bf16_round_trip_after_kernel_calls(tiny_opt, tmp_path):
+    """Decoding on CPU may move 4-bit weights to a kernel layout; the saved bytes stay portable."""
+    model = myq.quantize_model(tiny_opt.to(torch.bfloat16), bits=4, group_size=32)
+    input_ids = torch.arange(3, 11)[None]  # 8 rows: short enough for the CPU kernels
+    with torch.no_grad():
+        expected = model(input_ids).logits
+    folder = myq.save_quantized(model, tmp_path)
+    loaded, _ = myq.load_quantized(folder)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids).logits, expected)
+    saved_codes = load_file(folder / WEIGHTS_FILE)[f"{FC1}.weight"]
+    assert torch.equal(saved_codes, myq.pack(model.get_submodule(FC1).int_weight(), 4))
