@@ -25,7 +25,7 @@ from .evaluate import (
     negative_log_likelihood,
     perplexity,
 )
-from .layers import QuantizedLinear, QuantizedLinearLayer
+from .layers import QuantizedLinear, QuantizedLinearLayer, plain_path, prepare_fast
 from .models import (
     DATA_DIR,
     EMBEDDED_MODEL_DIR,

@@ -10,15 +10,43 @@ Buffers, all registered so that `state_dict()` and memory footprints see every b
     zero_point  int8, the shape of `scale`; only when asymmetric
     bias        (N,) in the layer dtype, or None
 
-The forward pass here is the plain one the course teaches: rebuild the float weight, then `F.linear`.
+Two forward passes give the same output within float rounding:
+    plain_forward   the one the course teaches: rebuild the float weight, then `F.linear`.
+    fast_forward    on CPU with few rows (decoding, see `kernels.MAX_KERNEL_ROWS`), PyTorch's int8 or int4
+                    weight-only kernel where one fits (see `myq.kernels`); otherwise (prefill, batches, GPUs,
+                    other bit widths) dequantize with fewer, smaller temporaries and call `F.linear`.
+`forward` takes the fast one unless `FAST_PATH` is False (see `plain_path()`).
+
+The int4 kernel reads its own weight layout. A 4-bit layer converts `weight` to it once, on its first
+kernel call or in `prepare_fast()`, and then holds only that copy; `layout` records which one
+("plain" or "int4pack_cpu"). `int_weight()` and `state_dict()` always give the plain codes and
+bytes, so saved files do not depend on the machine, and loading a state dict restores the plain layout.
 """
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import packing
+from . import kernels, packing
 from .quant import check_bits, get_scale, get_scale_and_zero_point, group_view, quantize_with
+
+# Set to False (or use `plain_path()`) to run every layer's plain_forward, for comparisons.
+FAST_PATH = True
+PLAIN_LAYOUT = "plain"
+INT4PACK_LAYOUT = "int4pack_cpu"
+
+
+@contextlib.contextmanager
+def plain_path():
+    """Run every quantized layer's plain_forward inside the `with` block, then restore the switch."""
+    global FAST_PATH
+    previous, FAST_PATH = FAST_PATH, False
+    try:
+        yield
+    finally:
+        FAST_PATH = previous
 
 
 def scale_dtype_for(dtype):
@@ -72,6 +100,7 @@ class QuantizedLinear(nn.Module):
         width = in_features if bits == 8 else packing.packed_width(in_features, bits)
         code_dtype = torch.int8 if bits == 8 else torch.uint8
         self.register_buffer("weight", torch.zeros(out_features, width, dtype=code_dtype))
+        self.layout = PLAIN_LAYOUT
         scale_shape = (out_features,) if group_size is None else (out_features, in_features // group_size)
         self.register_buffer("scale", torch.zeros(scale_shape, dtype=scale_dtype_for(dtype)))
         if not self.symmetric:
@@ -95,6 +124,7 @@ class QuantizedLinear(nn.Module):
         check_weight(weight, (self.out_features, self.in_features))
         w = weight.detach().to(self.weight.device)
         scale, zero_point = self._scale_and_zero_point(w)
+        self.use_plain_layout()  # the copy_ below writes plain bytes
 
         # Quantize with the scale as stored (possibly rounded up to bf16), so codes and scale agree.
         stored_scale = round_scale_up(scale, self.scale.dtype)
@@ -116,7 +146,9 @@ class QuantizedLinear(nn.Module):
         return get_scale_and_zero_point(w, self.bits, axis, self.group_size)
 
     def int_weight(self):
-        """Return the signed int8 codes (N, K), unpacking them at 4 and 2 bits."""
+        """Return the signed int8 codes (N, K), unpacking them at 4 and 2 bits, whatever the layout."""
+        if self.layout == INT4PACK_LAYOUT:
+            return kernels.from_int4pack(self.weight, self.out_features, self.in_features)
         if self.bits == 8:
             return self.weight
         return packing.unpack(self.weight, self.bits, self.in_features)
@@ -136,7 +168,113 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x):
         check_input(x, self.in_features)
-        return F.linear(x, self.dequantized_weight(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
+        return self.fast_forward(x) if FAST_PATH else self.plain_forward(x)
+
+    def plain_forward(self, x):
+        """Rebuild the float weight (N, K) and call F.linear: the formula the course teaches."""
+        return F.linear(x, self.dequantized_weight(x.dtype), self._bias_for(x))
+
+    def _bias_for(self, x):
+        return self.bias.to(x.dtype) if self.bias is not None else None
+
+    def fast_forward(self, x):
+        """Return plain_forward's result (within rounding) through a CPU kernel where one fits `x`."""
+        if self.layout != PLAIN_LAYOUT and self.weight.device.type != "cpu":
+            self.use_plain_layout()  # moved off the CPU: the CPU layout would only cost an extra unpack
+        kernel = self.kernel_for(x)
+        if kernel is None:
+            return self.dequantize_forward(x)
+        if kernel == "int8":
+            y = kernels.int8_matmul(x, self.weight, self.scale)
+        else:
+            y = kernels.int4_matmul(x, self.weight, self.out_features, self.in_features, self.group_size,
+                                    self.scale, self.zero_point)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def dequantize_forward(self, x):
+        """Dequantize the weight once, in few passes, and call F.linear: the route for many rows and GPUs."""
+        return F.linear(x, self.fast_dequantized_weight(x.dtype), self._bias_for(x))
+
+    def kernel_for(self, x):
+        """Return "int8" or "int4" when a CPU kernel can compute this layer for `x`, else None.
+
+        The first such call prepares the weight (see `prepare_fast`).
+        """
+        kernel = {8: "int8", 4: "int4"}.get(self.bits)
+        if kernel is None or not kernels.kernel_may_run(x, kernel):
+            return None
+        if self.layout == INT4PACK_LAYOUT and self.weight.device.type == "cpu":
+            return kernel  # prepared already: skip the checks, which cost more than a small layer's matmul
+        return kernel if self.prepare_fast() else None
+
+    @torch.no_grad()
+    def prepare_fast(self):
+        """Store the weight the way this machine's CPU kernel reads it, once; return whether one can.
+
+        4-bit layers move to PyTorch's int4 layout, replacing the plain bytes; an int8 weight only needs
+        a 64-byte aligned start (a weight loaded from a file may not have one). Other layers stay as they are.
+        """
+        if self.bits == 4 and kernels.int4_kernel_fits(self.out_features, self.in_features, self.group_size,
+                                                        self.weight.device):
+            if self.layout != INT4PACK_LAYOUT:
+                self.weight = kernels.to_int4pack(self.int_weight())
+                self.layout = INT4PACK_LAYOUT
+            return True
+        if self.bits == 8 and self.group_size is None and self.zero_point is None and kernels.HAS_INT8_KERNEL:
+            if self.weight.device.type == "cpu" and not kernels.is_aligned(self.weight):
+                self.weight = self.weight.clone(memory_format=torch.contiguous_format)
+            return kernels.int8_kernel_fits(self.weight)
+        return False
+
+    @torch.no_grad()
+    def use_plain_layout(self):
+        """Store the weight in the plain layout again (documented packing along K), if it is not already."""
+        if self.layout != PLAIN_LAYOUT:
+            self.weight = packing.pack(self.int_weight(), self.bits)
+            self.layout = PLAIN_LAYOUT
+
+    def fast_dequantized_weight(self, dtype):
+        """Return `dequantized_weight(dtype)`, computed in fewer passes over the weight.
+
+        The stored (offset) codes are converted to floats once. The offset and the zero point, small
+        integers and exact in any float dtype, are subtracted and the scale multiplied in place, so with
+        scales in `dtype` this rounds exactly as `dequantized_weight` does. From the int4 kernel's layout
+        the result is the transposed view of a (K, N) tensor, which F.linear uses without a copy.
+        """
+        work_dtype = dtype if self.scale.dtype == dtype else torch.float32
+        n, k, span = self.out_features, self.in_features, self.group_size or self.in_features
+        transposed = self.layout == INT4PACK_LAYOUT
+        if transposed:
+            w = kernels.int4pack_offset_codes_t(self.weight, n, k).to(work_dtype)
+            grouped = w.view(-1, span, n)  # (K, N) -> (G, S, N)
+        else:
+            codes = self.weight if self.bits == 8 else kernels.unpacked_offset_codes(self.weight, self.bits, k)
+            w = codes.to(work_dtype)
+            grouped = w.view(n, -1, span)  # (N, K) -> (N, G, S)
+
+        def per_group(tensor):  # (N,) or (N, G) -> (G, 1, N) against (G, S, N), else (N, G, 1)
+            tensor = tensor.reshape(n, -1).to(work_dtype)
+            # Contiguous along N: a strided operand would make the in-place ops below run unvectorized.
+            return tensor.t().contiguous()[:, None, :] if transposed else tensor[..., None]
+
+        offset = 0 if self.bits == 8 else 2 ** (self.bits - 1)
+        if self.zero_point is not None:
+            grouped.sub_(per_group(self.zero_point) + offset)
+        elif offset:
+            grouped.sub_(offset)
+        grouped.mul_(per_group(self.scale))
+        return (w.t() if transposed else w).to(dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # Saved files always hold the plain layout, so they load on any machine, whatever ran here.
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout != PLAIN_LAYOUT:
+            destination[prefix + "weight"] = packing.pack(self.int_weight(), self.bits)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # State dicts hold plain bytes (see _save_to_state_dict), so the layer takes the plain layout first.
+        self.use_plain_layout()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class QuantizedLinearLayer(QuantizedLinear):
@@ -150,12 +288,27 @@ class QuantizedLinearLayer(QuantizedLinear):
         super().__init__(in_features, out_features, bias=bias, dtype=dtype, bits=8, group_size=None,
                          symmetric=True)
 
-    def forward(self, x):
-        check_input(x, self.in_features)
+    def plain_forward(self, x):
+        """Compute y = (x W_q^T) * scale + bias, the W8A16 formula."""
         y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y
+
+    # Without a kernel the formula is already the cheap route: one conversion of the codes, no float weight.
+    dequantize_forward = plain_forward
+
+
+def prepare_fast(model):
+    """Prepare every quantized layer of `model` for its CPU kernel now, instead of on its first call.
+
+    Returns the number of layers a kernel can run. Layers whose scales are not in a kernel dtype
+    (bfloat16) are left alone, because a kernel would never run them.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}; pass the quantized model")
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    return sum(layer.prepare_fast() for layer in layers if layer.scale.dtype in kernels.KERNEL_DTYPES)
 
 
 def check_weight(weight, expected_shape):
