@@ -12,7 +12,7 @@ Shapes follow `myq.layers`: N = out_features, K = in_features, G = K / S groups 
 A tied tensor (lm_head sharing the embedding) is stored once, under its first name. Loading builds the
 architecture on the meta device, swaps in empty quantized layers (`quantized=False`), checks every key,
 shape and dtype read from the files before assigning anything, and never reads pickle files.
-Left out: models that keep tensors outside their state_dict (non-persistent buffers), and partial loads.
+Left out: partial loads, and formats of other quantization tools (GPTQ, AWQ, bitsandbytes).
 """
 
 import json
@@ -119,7 +119,7 @@ def portable_state_dict(model):
 
 
 def _unshare_views(state):
-    """Copy tensors that are different views of one storage: safetensors refuses shared storage."""
+    """Copy tensors that are different views of one storage: safetensors rejects shared storage."""
     owners = {}
     for name, tensor in state.items():
         owners.setdefault((tensor.device, tensor.untyped_storage().data_ptr()), []).append(name)
@@ -313,9 +313,8 @@ def read_weights(folder):
 
 
 def build_skeleton(config, description, dtype):
-    """Return the architecture of `config` on the meta device, with empty quantized layers swapped in."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    """Return the architecture of `config` without weight values, with empty quantized layers swapped in."""
+    model = empty_architecture(config, dtype)
     layer_class = LAYER_CLASSES[description["layer_class"]]
     kwargs = {} if layer_class is QuantizedLinearLayer else {
         "bits": description["bits"], "group_size": description["group_size"],
@@ -327,6 +326,22 @@ def build_skeleton(config, description, dtype):
         raise ValueError(f"{QUANTIZATION_FILE} lists other quantized modules than config.json builds; "
                          f"they differ in: {', '.join(differ[:5])}")
     return model
+
+
+def empty_architecture(config, dtype):
+    """Return the model of `config` on the meta device, or on the CPU when it has non-persistent buffers.
+
+    Tensors on the meta device have a shape and dtype but no memory, so no float weight is allocated
+    only to be replaced. Buffers kept out of the state_dict (such as Llama's rotary frequencies) are
+    computed when the model is built and are not in the files, so such a model is built on the CPU.
+    """
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if set(dict(model.named_buffers())) <= set(model.state_dict()):
+        return model
+    # NOTE: this route allocates the float weights until load_state_dict replaces them, so loading
+    # briefly needs the float model's memory.
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def _with_tied_names(state, tied):
@@ -381,10 +396,11 @@ def _cast_floats(state, model):
 
 
 def _check_nothing_on_meta(model):
+    """Raise ValueError when a tensor of `model` got no values from the files (it is still on meta)."""
     left = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
-        raise ValueError(f"{type(model).__name__} keeps tensors outside its state_dict ({', '.join(left[:3])}); "
-                         f"load_quantized supports models whose state_dict holds every tensor")
+        raise ValueError(f"{type(model).__name__}: {', '.join(left[:3])} got no values from the weight files "
+                         f"(still on the meta device); load_quantized cannot rebuild this model")
 
 
 def _load_tokenizer(folder):

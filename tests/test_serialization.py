@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import myq
 from myq import cli
@@ -275,7 +275,7 @@ def run_cli(*args):
 @pytest.mark.skipif(not (EMBEDDED_MODEL_DIR / "config.json").is_file(), reason="the embedded model is not here")
 def test_cli_quantize_save_then_generate(tmp_path):
     folder = tmp_path / "w4"
-    quantized = run_cli("quantize", "--offline", "--bits", "4", "--group-size", "128", "--eval-chars", "2000",
+    quantized = run_cli("quantize", "--offline", "--bits", "4", "--group-size", "128", "--eval-chars", "200",
                         "--save", str(folder))
     assert quantized.returncode == 0, quantized.stderr
     generated = run_cli("generate", str(folder), "def add(a, b):", "--max-new-tokens", "8")
@@ -310,3 +310,14 @@ def test_bf16_round_trip_after_kernel_calls(tiny_opt, tmp_path):
         assert torch.equal(loaded(input_ids).logits, expected)
     saved_codes = load_file(folder / WEIGHTS_FILE)[f"{FC1}.weight"]
     assert torch.equal(saved_codes, myq.pack(model.get_submodule(FC1).int_weight(), 4))
+
+
+def test_llama_round_trip_with_rotary_buffers(tmp_path):
+    """Llama keeps its rotary frequencies out of the state_dict, so they must be rebuilt, not loaded."""
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4)
+    torch.manual_seed(0)
+    model = myq.quantize_model(LlamaForCausalLM(config).eval(), bits=4, group_size=32)
+    loaded, _ = myq.load_quantized(myq.save_quantized(model, tmp_path))
+    assert torch.equal(logits(loaded), logits(model))
+    assert torch.equal(loaded.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
