@@ -84,6 +84,9 @@ NOTEBOOKS = (
     Notebook("03_quantized_linear_layer.ipynb", "A quantized linear layer, and swapping it into a model",
              "the W8A16 layer written out, then swapped for every nn.Linear of a small OPT",
              "W8A16 layer를 직접 작성하고, 작은 OPT의 nn.Linear를 모두 교체하기", "cpu"),
+    Notebook("07_save_load_share.ipynb", "Save, load and share a quantized model",
+             "a safetensors folder for the Hugging Face Hub, loaded back with bit-identical logits",
+             "Hugging Face Hub에 올릴 safetensors 폴더로 저장하고, logits가 비트 단위로 같게 다시 불러오기", "cpu"),
 )
 
 
