@@ -276,12 +276,22 @@ class QuantizedLinear(nn.Module):
         self.use_plain_layout()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _apply(self, fn, recurse=True):
+        # Module.to(torch.float16) and .half() cast every float buffer to float16, which rounds the scales
+        # of tiny rows to 0 (see scale_dtype_for). So a layer made float16 keeps float32 scales.
+        scale = self.scale
+        super()._apply(fn, recurse)
+        if self.scale.dtype == torch.float16 and scale.dtype != torch.float16:
+            self.scale = scale.to(device=self.scale.device, dtype=scale_dtype_for(torch.float16))
+        return self
+
 
 class QuantizedLinearLayer(QuantizedLinear):
     """The W8A16 layer: int8 weight (N, K), one scale per output channel (N,), optional bias (N,).
 
     The int8 matmul is exact in the activation dtype for codes in [-128, 127], so the scale is applied
-    to the (T, N) output instead of the (N, K) weight: y = (x W_q^T) * scale + bias.
+    to the (T, N) output instead of the (N, K) weight: y = (x W_q^T) * scale + bias. float16 inputs,
+    whose range those unscaled sums can exceed, take the dequantized weight instead.
     """
 
     def __init__(self, in_features, out_features, bias=True, dtype=torch.float32):
@@ -290,6 +300,10 @@ class QuantizedLinearLayer(QuantizedLinear):
 
     def plain_forward(self, x):
         """Compute y = (x W_q^T) * scale + bias, the W8A16 formula."""
+        if x.dtype == torch.float16:
+            # float16 stops at 65504: unscaled sums (up to 127 * K) would overflow to inf, and scales below
+            # 6e-8 would round to 0. Scaling the weight before the matmul keeps both in range.
+            return super().plain_forward(x)
         y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
