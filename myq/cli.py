@@ -128,7 +128,7 @@ def measure(model, tokenizer, text, prompt):
         "footprint": footprint_mb(model),
         "perplexity": evaluate.perplexity_from_nll(nll_sum, n_tokens),
         "bits_per_byte": evaluate.bits_per_byte_from_nll(nll_sum, text),
-        "speed": evaluate.decode_tokens_per_second(model, tokenizer, prompt, SPEED_TOKENS),
+        "speed": evaluate.decode_tokens_per_second(model, tokenizer, prompt, SPEED_TOKENS, warmup=2, repeats=5),
         "sample": evaluate.generate(model, tokenizer, prompt, SAMPLE_TOKENS),
         "n_tokens": n_tokens,
     }

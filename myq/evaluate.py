@@ -16,9 +16,10 @@ import torch.nn.functional as F
 
 from .models import is_embedded_model
 
-# The same prompt before and after quantization makes the two samples comparable.
+# The same prompt before and after quantization makes the two samples comparable. The embedded model
+# gets a sentence to finish: after a full stop it tends to write reStructuredText markup and loop.
 OPT_350M_PROMPT = "Malaysia is a beautiful country and"
-EMBEDDED_PROMPT = "The list data type has some more methods."
+EMBEDDED_PROMPT = "The return value is"
 
 # Tokens per forward pass when scoring: 16 windows of the embedded model, 2 of opt-350m. The float32
 # logits of a batch take BATCH_TOKENS * vocab_size * 4 bytes (about 0.8 GB for opt-350m).
