@@ -2,7 +2,7 @@
 
 Learners open a notebook in Colab or Kaggle straight from GitHub, where the notebook file is all they
 have, so each notebook's first code cell carries the clone URL itself. This module contains that URL, the
-text of the setup cell, the list of notebooks and the Colab/Kaggle links built from them;
+text of the setup cell, the list of notebooks and the Colab/Kaggle links built from them.
 `python -m myq.course sync [--repo-url URL]` writes them into the notebooks and READMEs.
 
 A notebook's setup cell is the template below, optionally followed by import lines of its own; sync
@@ -59,7 +59,7 @@ torch.set_printoptions(precision=4, sci_mode=False)'''
 RUNTIMES = {
     "cpu": {"en": "CPU", "ko": "CPU"},
     "gpu": {"en": "GPU recommended (opt-350m); CPU works", "ko": "GPU 권장 (opt-350m), CPU로도 가능"},
-    "cpu+gpu": {"en": "CPU; a GPU speeds up the opt-350m cells", "ko": "CPU (opt-350m 셀은 GPU에서 더 빠름)"},
+    "cpu+gpu": {"en": "CPU; a GPU speeds up the opt-350m part", "ko": "CPU (opt-350m 부분은 GPU에서 더 빠름)"},
 }
 
 
@@ -84,6 +84,19 @@ NOTEBOOKS = (
     Notebook("03_quantized_linear_layer.ipynb", "A quantized linear layer, and swapping it into a model",
              "the W8A16 layer written out, then swapped for every nn.Linear of a small OPT",
              "W8A16 layer를 직접 작성하고, 작은 OPT의 nn.Linear를 모두 교체하기", "cpu"),
+    Notebook("04_quantize_opt_350m.ipynb", "Quantize OPT-350m",
+             "load opt-350m (offline: the embedded model), swap every linear layer for W8A16, compare memory, "
+             "perplexity and generated text",
+             "opt-350m(오프라인에서는 내장 모델)을 불러와 linear layer를 모두 W8A16으로 바꾸고, 메모리, perplexity, "
+             "생성 텍스트 비교", "gpu"),
+    Notebook("05_4bit_packing.ipynb", "4-bit and 2-bit weights: packing codes into bytes",
+             "pack 4- and 2-bit codes into bytes; footprint and perplexity at 16, 8, 4 and 2 bits, per channel "
+             "and per group",
+             "4비트, 2비트 코드를 바이트에 packing하고, 16/8/4/2비트와 per-channel, per-group의 메모리와 "
+             "perplexity 비교", "cpu+gpu"),
+    Notebook("06_speed.ipynb", "Fast quantized inference on the CPU",
+             "why the bytes read per token set decoding speed, and CPU kernels that read the integer codes directly",
+             "디코딩 속도가 토큰마다 읽는 바이트 수로 정해지는 이유와, 정수 코드를 바로 읽는 CPU kernel", "cpu"),
     Notebook("07_save_load_share.ipynb", "Save, load and share a quantized model",
              "a safetensors folder for the Hugging Face Hub, loaded back with bit-identical logits",
              "Hugging Face Hub에 올릴 safetensors 폴더로 저장하고, logits가 비트 단위로 같게 다시 불러오기", "cpu"),
@@ -131,7 +144,7 @@ def split_setup_cell(source):
     last_line = SETUP_TEMPLATE.splitlines()[-1]
     lines = source.splitlines()
     if last_line not in lines:
-        raise ValueError(f"the first code cell does not look like the setup cell: no line {last_line!r}")
+        raise ValueError(f"the first code cell is not the setup cell: the line {last_line!r} is missing")
     end = len(lines) - lines[::-1].index(last_line)
     return "\n".join(lines[:end]), "\n".join(lines[end:])
 

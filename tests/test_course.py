@@ -158,7 +158,7 @@ def test_main_sync_saves_fork_url(course_copy, capsys):
 def test_sync_refuses_other_first_cell(tmp_path):
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print('hello')")])
     nbformat.write(notebook, tmp_path / "01_x.ipynb")
-    with pytest.raises(ValueError, match="01_x.ipynb: the first code cell does not look like the setup cell"):
+    with pytest.raises(ValueError, match="01_x.ipynb: the first code cell is not the setup cell"):
         course.sync_notebook(tmp_path / "01_x.ipynb")
 
 
