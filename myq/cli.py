@@ -185,9 +185,9 @@ def save_model(model, tokenizer, directory):
 def run_quantize(args):
     """Load, measure, quantize, measure again and print the report; return the exit status."""
     label, text = read_eval_text(args.eval_text, args.eval_chars)
-    status(f"loading {args.model}")
     model, tokenizer = models.load_model(args.model, offline=True if args.offline else None)
     model.to(args.device)
+    status(f"loaded {describe_model(model, str(args.model))} on {args.device}")
     if args.group_size is not None:
         check_group_size(model, args.group_size)
     prompt = evaluate.default_prompt(model)
