@@ -89,6 +89,11 @@ NOTEBOOKS = (
              "perplexity and generated text",
              "opt-350m(오프라인에서는 내장 모델)을 불러와 linear layer를 모두 W8A16으로 바꾸고, 메모리, perplexity, "
              "생성 텍스트 비교", "gpu"),
+    Notebook("05_4bit_packing.ipynb", "4-bit and 2-bit weights: packing codes into bytes",
+             "pack 4- and 2-bit codes into bytes; footprint and perplexity at 16, 8, 4 and 2 bits, per channel "
+             "and per group",
+             "4비트, 2비트 코드를 바이트에 packing하고, 16/8/4/2비트와 per-channel, per-group의 메모리와 "
+             "perplexity 비교", "cpu+gpu"),
     Notebook("07_save_load_share.ipynb", "Save, load and share a quantized model",
              "a safetensors folder for the Hugging Face Hub, loaded back with bit-identical logits",
              "Hugging Face Hub에 올릴 safetensors 폴더로 저장하고, logits가 비트 단위로 같게 다시 불러오기", "cpu"),
