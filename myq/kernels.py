@@ -1,16 +1,18 @@
 """PyTorch's weight-only CPU kernels for int8 and int4 weights: availability checks and thin wrappers.
 
-Decoding one token reads every weight once for a handful of multiply-adds, so it is bound by memory
-traffic. These kernels read the integer codes directly, and never write a float copy of the weight:
+Decoding one token reads every weight once for two operations per weight, so its speed is set by
+memory traffic. These kernels read the integer codes and never write a float copy of the weight:
     int8   torch.ops.aten._weight_int8pack_mm(x (M, K), w_q int8 (N, K), scale (N,)) -> (M, N)
     int4   torch.ops.aten._weight_int4pack_mm_for_cpu(x (M, K), w_int4pack, S, scales_and_zeros (G, N, 2))
-           computes w = (q - 8) * scale + zero with q the unsigned nibble, in a weight layout of its own.
+           computes w = (q - 8) * scale + zero for the unsigned nibble q, read from a layout of its own.
+The module also unpacks codes for the many-row route (prefill), which dequantizes once per call.
 Shapes: N = out_features, K = in_features, S = group_size, G = K / S groups, M = rows of the input (B * T).
 
-Every check here was found by experiment on torch 2.14.1 (x86 with AVX512) and by reading the kernels'
-source: bfloat16 inputs only on the fast int8 route, K a multiple of 16 and 32-byte aligned rows for
-int8 (misaligned rows crash the process), group sizes 32/64/128/256 and N a multiple of the layout's
-block of rows for int4. Left out: GPU kernels (GPUs dequantize and call F.linear) and quantized activations.
+The limits checked here come from experiments with torch 2.14.1 on x86 with AVX512 and from the
+kernels' source. On x86 only the bfloat16 variants are vectorized. The int8 kernel needs K to be a
+multiple of 16 and 32-byte aligned rows: a misaligned row crashes the process instead of raising.
+The int4 kernel takes group sizes 32, 64, 128 and 256, and N a multiple of its layout's block of rows.
+Left out: GPU kernels (GPUs dequantize and call F.linear) and quantized activations.
 """
 
 import functools
@@ -25,10 +27,11 @@ aten = torch.ops.aten
 HAS_INT8_KERNEL = hasattr(aten, "_weight_int8pack_mm")
 HAS_INT4_KERNEL = hasattr(aten, "_convert_weight_to_int4pack_for_cpu") and hasattr(aten, "_weight_int4pack_mm_for_cpu")
 
-# Inputs with more rows than this (prefill, batches) dequantize once and call F.linear instead: the
-# kernels redo the dequantization for every block of 4 rows, which stops paying off around here
-# (measured on 1024 x 4096 layers in bfloat16, two threads of an AMD EPYC with AVX512).
-MAX_KERNEL_ROWS = {"int8": 16, "int4": 48}
+# Inputs with more rows than this (prefill, batches) dequantize once and call F.linear instead. The
+# kernels redo their dequantization for every block of 4 rows, so their time grows with the rows; on
+# 1024 x 4096 and 4096 x 1024 bf16 layers (two threads of an AMD EPYC with AVX512) the int8 kernel
+# stopped paying off at about 32 rows, the int4 kernel at about 96. The limits leave some margin.
+MAX_KERNEL_ROWS = {"int8": 16, "int4": 64}
 
 # On x86 only the bfloat16 variants are vectorized; float32 and float16 run a scalar loop slower than
 # dequantize + F.linear.
@@ -78,11 +81,13 @@ def int8_kernel_fits(w_q):
 
 def int8_matmul(x, w_q, scale):
     """Return x @ (w_q * scale[:, None])^T for int8 codes `w_q` (N, K) and per-channel `scale` (N,)."""
-    x2d = as_aligned_rows(x)
-    y = aten._weight_int8pack_mm(x2d, w_q, scale.to(x.dtype))
-    return y.reshape(*x.shape[:-1], w_q.shape[0])
+    if scale.dtype != x.dtype:
+        scale = scale.to(x.dtype)
+    y = aten._weight_int8pack_mm(as_aligned_rows(x), w_q, scale)
+    return y.view(*x.shape[:-1], w_q.shape[0])
 
 
+@functools.cache  # called on every int4 kernel call, with a handful of distinct arguments
 def int4_kernel_group_size(k, group_size):
     """Return the group size to run the int4 kernel with, or None when no accepted size fits.
 
@@ -157,25 +162,54 @@ def scales_and_zeros(scale, zero_point, k, group_size, dtype):
     G' = K / kernel group size; per-channel and large groups repeat their scale over G' / G kernel groups.
     Built on every call, because storing it would add a second copy of the scales to the layer.
     """
+    return _table(scale, zero_point, k // int4_kernel_group_size(k, group_size), dtype)
+
+
+def _table(scale, zero_point, kernel_groups, dtype):
     n = scale.shape[0]
-    scale_t = scale.reshape(n, -1).t().to(dtype)  # (N,) -> (1, N), or (N, G) -> (G, N)
-    if zero_point is None:
-        table = F.pad(scale_t.unsqueeze(-1), (0, 1))  # zeros in the second column; one op instead of three
-    else:
-        zero = -(zero_point.reshape(n, -1).t().float() * scale_t.float())
-        table = torch.stack((scale_t, zero.to(dtype)), dim=-1)  # (G, N, 2)
-    repeat = (k if group_size is None else group_size) // int4_kernel_group_size(k, group_size)
-    if repeat > 1:
-        table = table.repeat_interleave(repeat, dim=0)  # (G, N, 2) -> (G', N, 2)
-    return table
+    scale_t = _repeat_groups(scale.reshape(n, -1).t(), kernel_groups)  # (N,) or (N, G) -> (G', N)
+    if scale_t.dtype != dtype:
+        scale_t = scale_t.to(dtype)
+    zero = None
+    if zero_point is not None:
+        zero_point_t = _repeat_groups(zero_point.reshape(n, -1).t(), kernel_groups)
+        zero = torch.mul(zero_point_t, scale_t).neg_()  # rounded once to `dtype`, as the kernel reads it
+    return interleave_pairs(scale_t, zero)
+
+
+def interleave_pairs(first, second=None):
+    """Return (..., 2) pairs (first, second) of two same-shaped 16-bit float tensors; second=None means zeros.
+
+    torch.stack along a new last dimension copies one element at a time, which made the int4 table
+    cost a third of a decoding step. Here each pair is built as one int32 word instead: the first
+    value's bits in the low half, the second's in the high half, which is their order in memory on a
+    little-endian machine. Other dtypes and byte orders take torch.stack.
+    """
+    if first.element_size() != 2 or sys.byteorder != "little":
+        second = torch.zeros_like(first) if second is None else second
+        return torch.stack((first, second), dim=-1)
+    words = first.contiguous().view(torch.int16).to(torch.int32)
+    words &= 0xFFFF  # undo the sign extension of bit patterns with the top bit set
+    if second is not None:
+        words |= second.contiguous().view(torch.int16).to(torch.int32) << 16
+    return words.view(first.dtype).view(*first.shape, 2)
+
+
+def _repeat_groups(per_group, kernel_groups):
+    """Return (G, N) values as (G', N), each row repeated G' / G times; an expanded view when G = 1."""
+    if per_group.shape[0] == kernel_groups:
+        return per_group
+    if per_group.shape[0] == 1:
+        return per_group.expand(kernel_groups, -1)
+    return per_group.repeat_interleave(kernel_groups // per_group.shape[0], dim=0)
 
 
 def int4_matmul(x, w_packed, n, k, group_size, scale, zero_point=None):
     """Return x @ W^T for 4-bit codes in PyTorch's CPU int4 layout `w_packed` with their scales."""
-    x2d = x.reshape(-1, k).contiguous()
-    table = scales_and_zeros(scale, zero_point, k, group_size, x.dtype)
-    y = aten._weight_int4pack_mm_for_cpu(x2d, w_packed, int4_kernel_group_size(k, group_size), table)
-    return y.reshape(*x.shape[:-1], n)
+    kernel_group_size = int4_kernel_group_size(k, group_size)
+    table = _table(scale, zero_point, k // kernel_group_size, x.dtype)
+    y = aten._weight_int4pack_mm_for_cpu(x.reshape(-1, k).contiguous(), w_packed, kernel_group_size, table)
+    return y.view(*x.shape[:-1], n)
 
 
 def bit_planes(w_packed, bits):

@@ -179,17 +179,17 @@ class QuantizedLinear(nn.Module):
 
     def fast_forward(self, x):
         """Return plain_forward's result (within rounding) through a CPU kernel where one fits `x`."""
-        if self.layout != PLAIN_LAYOUT and self.weight.device.type != "cpu":
-            self.use_plain_layout()  # moved off the CPU: the CPU layout would only cost an extra unpack
         kernel = self.kernel_for(x)
         if kernel is None:
+            if self.layout != PLAIN_LAYOUT and self.weight.device.type != "cpu":
+                self.use_plain_layout()  # moved off the CPU: the CPU layout would only cost an extra unpack
             return self.dequantize_forward(x)
         if kernel == "int8":
             y = kernels.int8_matmul(x, self.weight, self.scale)
         else:
             y = kernels.int4_matmul(x, self.weight, self.out_features, self.in_features, self.group_size,
                                     self.scale, self.zero_point)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        return y if self.bias is None else y.add_(self.bias)  # y is the kernel's new output
 
     def dequantize_forward(self, x):
         """Dequantize the weight once, in few passes, and call F.linear: the route for many rows and GPUs."""
@@ -218,6 +218,11 @@ class QuantizedLinear(nn.Module):
                                                         self.weight.device):
             if self.layout != INT4PACK_LAYOUT:
                 self.weight = kernels.to_int4pack(self.int_weight())
+                # Same (N, G) values, stored as (G, N): the kernel's table is built from the transpose
+                # on every call, and a contiguous read makes that several times faster.
+                self.scale = self.scale.t().contiguous().t()
+                if self.zero_point is not None:
+                    self.zero_point = self.zero_point.t().contiguous().t()
                 self.layout = INT4PACK_LAYOUT
             return True
         if self.bits == 8 and self.group_size is None and self.zero_point is None and kernels.HAS_INT8_KERNEL:
@@ -231,45 +236,54 @@ class QuantizedLinear(nn.Module):
         """Store the weight in the plain layout again (documented packing along K), if it is not already."""
         if self.layout != PLAIN_LAYOUT:
             self.weight = packing.pack(self.int_weight(), self.bits)
+            self.scale = self.scale.contiguous()
+            if self.zero_point is not None:
+                self.zero_point = self.zero_point.contiguous()
             self.layout = PLAIN_LAYOUT
 
     def fast_dequantized_weight(self, dtype):
         """Return `dequantized_weight(dtype)`, computed in fewer passes over the weight.
 
-        The stored (offset) codes are converted to floats once. The offset and the zero point, small
-        integers and exact in any float dtype, are subtracted and the scale multiplied in place, so with
-        scales in `dtype` this rounds exactly as `dequantized_weight` does. From the int4 kernel's layout
-        the result is the transposed view of a (K, N) tensor, which F.linear uses without a copy.
+        Packed codes are unpacked as offset codes (uint8), and the offset and zero point are subtracted
+        there in place: the wrap-around of uint8 arithmetic leaves exactly the signed codes' bytes, so a
+        view as int8 gives the codes. They are converted to floats once and the scale multiplied in place,
+        so with scales in `dtype` this rounds exactly as `dequantized_weight` does. From the int4 kernel's
+        layout the result is the transposed view of a (K, N) tensor, which F.linear uses without a copy.
         """
         work_dtype = dtype if self.scale.dtype == dtype else torch.float32
         n, k, span = self.out_features, self.in_features, self.group_size or self.in_features
         transposed = self.layout == INT4PACK_LAYOUT
-        if transposed:
-            w = kernels.int4pack_offset_codes_t(self.weight, n, k).to(work_dtype)
-            grouped = w.view(-1, span, n)  # (K, N) -> (G, S, N)
-        else:
-            codes = self.weight if self.bits == 8 else kernels.unpacked_offset_codes(self.weight, self.bits, k)
-            w = codes.to(work_dtype)
-            grouped = w.view(n, -1, span)  # (N, K) -> (N, G, S)
 
         def per_group(tensor):  # (N,) or (N, G) -> (G, 1, N) against (G, S, N), else (N, G, 1)
-            tensor = tensor.reshape(n, -1).to(work_dtype)
+            tensor = tensor.reshape(n, -1)
             # Contiguous along N: a strided operand would make the in-place ops below run unvectorized.
             return tensor.t().contiguous()[:, None, :] if transposed else tensor[..., None]
 
-        offset = 0 if self.bits == 8 else 2 ** (self.bits - 1)
-        if self.zero_point is not None:
-            grouped.sub_(per_group(self.zero_point) + offset)
-        elif offset:
-            grouped.sub_(offset)
-        grouped.mul_(per_group(self.scale))
-        return (w.t() if transposed else w).to(dtype)
+        if self.bits == 8:
+            w = self.weight.to(work_dtype).view(n, -1, span)  # (N, K) -> (N, G, S)
+            if self.zero_point is not None:
+                w.sub_(per_group(self.zero_point).to(work_dtype))  # code - zero_point can exceed int8
+        else:
+            if transposed:
+                codes = kernels.int4pack_offset_codes_t(self.weight, n, k).view(-1, span, n)  # (K, N) -> (G, S, N)
+            else:
+                codes = kernels.unpacked_offset_codes(self.weight, self.bits, k).reshape(n, -1, span)
+            shift = 2 ** (self.bits - 1)
+            if self.zero_point is not None:
+                shift = (per_group(self.zero_point).to(torch.int16) + shift).to(torch.uint8)
+            w = codes.sub_(shift).view(torch.int8).to(work_dtype)
+        w.mul_(per_group(self.scale).to(work_dtype))
+        w = w.view(k, n).t() if transposed else w.view(n, k)
+        return w.to(dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # Saved files always hold the plain layout, so they load on any machine, whatever ran here.
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.layout != PLAIN_LAYOUT:
             destination[prefix + "weight"] = packing.pack(self.int_weight(), self.bits)
+            for name in ("scale", "zero_point"):
+                if prefix + name in destination:
+                    destination[prefix + name] = destination[prefix + name].contiguous()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # State dicts hold plain bytes (see _save_to_state_dict), so the layer takes the plain layout first.
@@ -309,8 +323,14 @@ class QuantizedLinearLayer(QuantizedLinear):
             y = y + self.bias.to(x.dtype)
         return y
 
-    # Without a kernel the formula is already the cheap route: one conversion of the codes, no float weight.
-    dequantize_forward = plain_forward
+    def dequantize_forward(self, x):
+        """Compute the W8A16 formula with the scale and bias applied in place, on the new (T, N) output.
+
+        Without a kernel the formula is already the cheap route (one conversion of the codes, no float
+        weight); in place it skips two (T, N) temporaries and rounds exactly as `plain_forward` does.
+        """
+        y = F.linear(x, self.weight.to(x.dtype)).mul_(self.scale.to(x.dtype))
+        return y if self.bias is None else y.add_(self.bias.to(x.dtype))
 
 
 def prepare_fast(model):

@@ -72,6 +72,14 @@ def test_odd_shapes_agree(bits, group_size, symmetric, n, k):
     assert_agree(layer(x), plain_output(layer, x))
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_large_groups_split_for_kernel(symmetric):
+    layer = make_layer(4, 512, symmetric, n=64, k=1024)  # the kernel's largest group is 256
+    x = torch.randn(1, 1024, dtype=torch.bfloat16)
+    assert layer.kernel_for(x) == expected_kernel(4, 512, symmetric, 64, 1024, 1)
+    assert_agree(layer(x), plain_output(layer, x))
+
+
 @pytest.mark.parametrize("bits,group_size,symmetric", CONFIGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_other_dtypes_agree(bits, group_size, symmetric, dtype):
@@ -126,6 +134,7 @@ def test_prepared_layout_round_trips(group_size, symmetric):
     assert list(prepared_state) == list(state)
     for name, tensor in state.items():
         assert torch.equal(prepared_state[name], tensor), name
+        assert prepared_state[name].is_contiguous(), name  # safetensors saves contiguous tensors only
     assert myq.footprint_bytes(layer) == footprint
 
 
@@ -204,6 +213,15 @@ def test_input_needing_grad_skips_kernel():
     assert layer.kernel_for(x) is None
     layer(x).sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_interleave_pairs_matches_stack(dtype):
+    torch.manual_seed(0)
+    first, second = torch.randn(2, 3, 5, dtype=dtype)  # negative values too: their top bit is set
+    assert torch.equal(kernels.interleave_pairs(first, second), torch.stack((first, second), dim=-1))
+    zeros = torch.zeros_like(first)
+    assert torch.equal(kernels.interleave_pairs(first), torch.stack((first, zeros), dim=-1))
 
 
 @NEEDS_INT4
