@@ -1,10 +1,10 @@
 """Benchmark decoding and prefill speed of bf16 and quantized opt-350m on the CPU: `python -m myq.bench`.
 
-Builds facebook/opt-350m's architecture with random weights (no download; speed does not depend on the
-values), quantizes copies of it, and prints one table: footprint, time to quantize, greedy decode
-tokens per second and prefill time, each with its ratio to bf16 measured in the same run. Rows:
-bf16, W8 and W4 g128 through the plain path and the fast path, plus optimum-quanto (qint8, qint4) and
-torchao (int8 weight-only) when they are importable. Every measurement is repeated, interleaved
+Builds facebook/opt-350m's architecture with random weights, which needs no download, and speed does
+not depend on the values. It quantizes copies of it and prints one table: footprint, time to quantize,
+greedy decode tokens per second and prefill time, each with its ratio to bf16 measured in the same run.
+Rows: bf16, W8 and W4 g128 through the plain path and the fast path, plus optimum-quanto (qint8, qint4)
+and torchao (int8 weight-only) when they are importable. Every measurement is repeated, interleaved
 across the rows so that a busy moment hits them all alike, and the best run is kept.
 
 Shapes: B/T = batch/tokens; the benchmark uses B = 1. Left out: GPUs, batched decoding, accuracy
@@ -27,6 +27,7 @@ from .models import build_opt_350m
 from .swap import quantize_model
 
 PROMPT_TOKENS = 8
+MAX_POSITIONS = 2048  # opt-350m's max_position_embeddings
 
 
 @dataclass
@@ -64,19 +65,26 @@ def token_ids(n_tokens, vocab_size, seed=0):
 
 
 @torch.no_grad()  # not inference_mode: optimum-quanto's qint4 matmul fails on inference tensors
-def decode_seconds(model, prompt_ids, new_tokens):
-    """Return the seconds `model` takes to decode `new_tokens` greedy tokens after `prompt_ids`.
+def greedy_decode(model, prompt_ids, new_tokens):
+    """Return (the `new_tokens` greedy token ids (1, new_tokens), seconds of the one-token steps).
 
     The prompt's own forward pass is not timed: the clock covers only one-token steps with a KV cache.
     """
     keyword = cache_keyword(model)
     output = model(input_ids=prompt_ids, use_cache=True)
     cache, token = getattr(output, keyword), output.logits[:, -1:].argmax(-1)
+    tokens = [token]
     start = time.perf_counter()
-    for _ in range(new_tokens):
+    for _ in range(new_tokens - 1):
         output = model(input_ids=token, use_cache=True, **{keyword: cache})
         cache, token = getattr(output, keyword), output.logits[:, -1:].argmax(-1)
-    return time.perf_counter() - start
+        tokens.append(token)
+    return torch.cat(tokens, dim=1), time.perf_counter() - start
+
+
+def decode_seconds(model, prompt_ids, new_tokens):
+    """Return the seconds `model` takes for `new_tokens` one-token greedy steps after `prompt_ids`."""
+    return greedy_decode(model, prompt_ids, new_tokens + 1)[1]
 
 
 def cache_keyword(model):
@@ -153,8 +161,8 @@ def stored_bytes(model):
     """Return the bytes `model`'s parameters and buffers really hold, a shared tensor counted once.
 
     Quantized tensor subclasses (optimum-quanto, torchao) report the float shape to `numel()`, so
-    `get_memory_footprint()` counts them at full width; here each one is taken apart into the plain
-    tensors it holds (`__tensor_flatten__`), and those are counted.
+    `get_memory_footprint()` counts them at full width. Here each one is taken apart into the plain
+    tensors it contains (`__tensor_flatten__`), and those are counted.
     """
     seen, total = set(), 0
     pending = list(model.parameters()) + list(model.buffers())
@@ -235,6 +243,9 @@ def parse_args(argv=None):
     for name in ("threads", "new_tokens", "prefill_tokens", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
+    if args.prefill_tokens > MAX_POSITIONS or PROMPT_TOKENS + args.new_tokens + 1 > MAX_POSITIONS:
+        parser.error(f"--prefill-tokens={args.prefill_tokens} and {PROMPT_TOKENS} prompt tokens + "
+                     f"--new-tokens={args.new_tokens} must each fit opt-350m's {MAX_POSITIONS} positions")
     if args.quick:
         args.new_tokens, args.prefill_tokens, args.repeats = 8, 64, 1
     return args

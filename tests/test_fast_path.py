@@ -2,13 +2,12 @@ import pytest
 import torch
 
 import myq
-from myq import kernels, layers
+from myq import bench, kernels, layers
 from myq.layers import QuantizedLinear, QuantizedLinearLayer, plain_path, prepare_fast
 
-CONFIGS = [  # (bits, group_size, symmetric)
-    (8, None, True), (8, None, False), (8, 32, True),
-    (4, None, True), (4, None, False), (4, 32, True), (4, 32, False), (4, 64, True), (4, 128, False),
-    (2, None, False), (2, 32, False), (2, 32, True)]
+GROUP_SIZES = {8: (None, 32), 4: (None, 32, 64, 128), 2: (None, 32)}
+CONFIGS = [(bits, group_size, symmetric)  # every bit width and group size, symmetric and asymmetric
+           for bits, sizes in GROUP_SIZES.items() for group_size in sizes for symmetric in (True, False)]
 NEEDS_INT4 = pytest.mark.skipif(not kernels.HAS_INT4_KERNEL or kernels.int4_layout_block() is None,
                                 reason="this torch build has no CPU int4 kernel")
 NEEDS_INT8 = pytest.mark.skipif(not kernels.HAS_INT8_KERNEL, reason="this torch build has no CPU int8 kernel")
@@ -87,6 +86,16 @@ def test_other_dtypes_agree(bits, group_size, symmetric, dtype):
     for rows in (1, 20):
         x = torch.randn(2, rows, 256, dtype=dtype)
         assert_agree(layer(x), plain_output(layer, x))
+
+
+def test_float16_w8_sums_stay_finite():
+    layer = QuantizedLinearLayer(1024, 4, bias=False, dtype=torch.float16)
+    layer.quantize(torch.full((4, 1024), 0.01))
+    x = torch.ones(3, 1024, dtype=torch.float16)  # unscaled, each sum would be 127 * 1024 > 65504
+    y = layer(x)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), torch.full((3, 4), 10.24), rtol=0.01, atol=0.0)
+    assert torch.equal(y, plain_output(layer, x))
 
 
 @pytest.mark.parametrize("bits,group_size,symmetric", CONFIGS)
@@ -251,3 +260,45 @@ def test_prepare_fast_model_keeps_outputs(tiny_opt):
 def test_prepare_fast_rejects_non_module():
     with pytest.raises(TypeError, match="model"):
         prepare_fast("opt-350m")
+
+
+def test_cached_decode_matches_recompute(tiny_opt):
+    torch.manual_seed(0)
+    prompt = torch.randint(3, 512, (1, 5))
+    tokens, seconds = bench.greedy_decode(tiny_opt, prompt, 6)
+    assert tokens.shape == (1, 6)
+    assert seconds > 0
+    sequence = prompt
+    with torch.no_grad():
+        for _ in range(6):  # no KV cache: the whole sequence every step
+            next_token = tiny_opt(input_ids=sequence, use_cache=False).logits[:, -1:].argmax(-1)
+            sequence = torch.cat((sequence, next_token), dim=1)
+    assert torch.equal(tokens, sequence[:, 5:])
+
+
+def test_stored_bytes_matches_footprint(tiny_opt):
+    assert bench.stored_bytes(tiny_opt) == myq.footprint_bytes(tiny_opt)
+    myq.quantize_model(tiny_opt, bits=4, group_size=32)
+    assert bench.stored_bytes(tiny_opt) == myq.footprint_bytes(tiny_opt)
+
+
+def test_table_ratios_use_first_row():
+    rows = [bench.Variant("bf16", None, footprint_bytes=4_000_000, decode_seconds=[2.0, 1.0],
+                          prefill_seconds=[0.5, 0.4]),
+            bench.Variant("W4", None, quantize_seconds=1.5, footprint_bytes=1_000_000, decode_seconds=[0.5],
+                          prefill_seconds=[0.8])]
+    bf16, w4 = bench.table_rows(rows, new_tokens=8)
+    assert bf16["decode_tokens_per_s"] == 8.0 and bf16["decode_ratio"] == 1.0
+    assert w4["decode_tokens_per_s"] == 16.0 and w4["decode_ratio"] == 2.0
+    assert w4["prefill_ratio"] == 0.5
+    assert w4["footprint_mb"] == 1.0
+    text = bench.format_table([bf16, w4], new_tokens=8, prefill_tokens=16)
+    assert "2.00x" in text and "0.50x" in text
+
+
+def test_bench_arguments_checked():
+    args = bench.parse_args(["--quick", "--threads", "1"])
+    assert (args.new_tokens, args.prefill_tokens, args.repeats, args.threads) == (8, 64, 1, 1)
+    for bad in (["--repeats", "0"], ["--prefill-tokens", "4096"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
