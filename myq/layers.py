@@ -18,9 +18,10 @@ Two forward passes give the same output within float rounding:
 `forward` takes the fast one unless `FAST_PATH` is False (see `plain_path()`).
 
 The int4 kernel reads its own weight layout. A 4-bit layer converts `weight` to it once, on its first
-kernel call or in `prepare_fast()`, and then holds only that copy; `layout` records which one
-("plain" or "int4pack_cpu"). `int_weight()` and `state_dict()` always give the plain codes and
-bytes, so saved files do not depend on the machine, and loading a state dict restores the plain layout.
+kernel call or in `prepare_fast()`, and then holds only that copy; its scales keep their (N, G) shape
+but are stored transposed in memory. `layout` records which one is in use ("plain" or "int4pack_cpu").
+`int_weight()` and `state_dict()` always give the plain codes and bytes, so saved files do not depend
+on the machine, and loading a state dict restores the plain layout.
 """
 
 import contextlib
@@ -209,10 +210,10 @@ class QuantizedLinear(nn.Module):
 
     @torch.no_grad()
     def prepare_fast(self):
-        """Store the weight the way this machine's CPU kernel reads it, once; return whether one can.
+        """Store the weight the way this machine's CPU kernel reads it, once; return whether a kernel can run it.
 
-        4-bit layers move to PyTorch's int4 layout, replacing the plain bytes; an int8 weight only needs
-        a 64-byte aligned start (a weight loaded from a file may not have one). Other layers stay as they are.
+        A 4-bit layer moves to PyTorch's int4 layout, which replaces the plain bytes. An int8 weight only
+        needs a 64-byte aligned start, which a weight loaded from a file may lack. Other layers stay as they are.
         """
         if self.bits == 4 and kernels.int4_kernel_fits(self.out_features, self.in_features, self.group_size,
                                                         self.weight.device):
