@@ -94,6 +94,9 @@ NOTEBOOKS = (
              "and per group",
              "4비트, 2비트 코드를 바이트에 packing하고, 16/8/4/2비트와 per-channel, per-group의 메모리와 "
              "perplexity 비교", "cpu+gpu"),
+    Notebook("06_speed.ipynb", "Fast quantized inference on the CPU",
+             "why the bytes read per token set decoding speed, and CPU kernels that read the integer codes directly",
+             "디코딩 속도가 토큰마다 읽는 바이트 수로 정해지는 이유와, 정수 코드를 바로 읽는 CPU kernel", "cpu"),
     Notebook("07_save_load_share.ipynb", "Save, load and share a quantized model",
              "a safetensors folder for the Hugging Face Hub, loaded back with bit-identical logits",
              "Hugging Face Hub에 올릴 safetensors 폴더로 저장하고, logits가 비트 단위로 같게 다시 불러오기", "cpu"),

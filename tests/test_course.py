@@ -20,7 +20,8 @@ FORK = "https://github.com/alice/myq-fork"
 NOTEBOOK_FILES = sorted(path.name for path in course.NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 IMPORT_LINE = re.compile(r"^(import [\w., ]+|from [\w.]+ import [\w., ]+)( as \w+)?$")
 # The commands both READMEs must show, in this order.
-COMMANDS = ("pip install -r requirements.txt", "python -m myq quantize", "jupyter lab notebooks/", "pytest")
+COMMANDS = ("pip install -r requirements.txt", "python -m myq quantize", "jupyter lab notebooks/", "pytest",
+            "python -m myq.bench")
 # An access token (hf_ and 30 or more letters and digits), a login call or the token's environment variable.
 SECRETS = re.compile(r"hf_[A-Za-z0-9]{30,}|login\(|HF_TOKEN")
 
