@@ -20,8 +20,8 @@ import torch
 from . import evaluate, models
 from .footprint import footprint_mb
 from .quant import SUPPORTED_BITS
-from .serialization import load_quantized
-from .swap import _check_targets, find_linears, quantize_model
+from .serialization import load_quantized, save_quantized
+from .swap import check_targets, find_linears, quantize_model
 
 USAGE_ERROR = 2
 SAMPLE_TOKENS = 30
@@ -118,7 +118,7 @@ def read_eval_text(path, n_chars):
 def check_group_size(model, group_size):
     """Raise ValueError when `group_size` does not divide some layer's K, before anything is measured."""
     targets, _ = find_linears(model, EXCLUDE)
-    _check_targets(model, targets, {"group_size": group_size}, quantized=False)
+    check_targets(model, targets, {"group_size": group_size}, quantized=False)
 
 
 def measure(model, tokenizer, text, prompt):
@@ -173,12 +173,8 @@ def format_report(header, before, after):
 
 
 def save_model(model, tokenizer, directory):
-    """Save with `myq.save_quantized` when this version of myq has it; return the report line."""
-    import myq
-
-    if not hasattr(myq, "save_quantized"):
-        return "saving is not available yet in this version of myq: nothing was saved"
-    myq.save_quantized(model, directory, tokenizer=tokenizer)
+    """Save the quantized model and its tokenizer to `directory`; return the report line."""
+    save_quantized(model, directory, tokenizer=tokenizer)
     return f"saved to {directory}"
 
 

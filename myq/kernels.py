@@ -28,9 +28,10 @@ HAS_INT8_KERNEL = hasattr(aten, "_weight_int8pack_mm")
 HAS_INT4_KERNEL = hasattr(aten, "_convert_weight_to_int4pack_for_cpu") and hasattr(aten, "_weight_int4pack_mm_for_cpu")
 
 # Inputs with more rows than this (prefill, batches) dequantize once and call F.linear instead. The
-# kernels redo their dequantization for every block of 4 rows, so their time grows with the rows; on
-# 1024 x 4096 and 4096 x 1024 bf16 layers (two threads of an AMD EPYC with AVX512) the int8 kernel
-# stopped paying off at about 32 rows, the int4 kernel at about 96. The limits leave some margin.
+# kernels redo their dequantization for every block of 4 rows, so their time grows with the rows.
+# Measured on 1024 x 4096 and 4096 x 1024 bf16 layers (two threads of an AMD EPYC with AVX512), the
+# int8 kernel stopped paying off at about 32 rows and the int4 kernel at about 96. The limits leave
+# some margin.
 MAX_KERNEL_ROWS = {"int8": 16, "int4": 64}
 
 # On x86 only the bfloat16 variants are vectorized; float32 and float16 run a scalar loop slower than
@@ -128,7 +129,7 @@ def int4_layout_block():
     """Return the rows per block of this machine's CPU int4 layout (64 with AVX512, 32 with AVX2), or None.
 
     PyTorch picks the layout by CPU capability at run time, so it is found by converting a probe weight
-    and reading it back; a probe matmul then checks that the kernel computes (q - 8) * scale + zero.
+    and reading it back. A probe matmul then checks that the kernel computes (q - 8) * scale + zero.
     None (no block size reads back, or the kernel disagrees) means the int4 kernel is not used.
     """
     generator = torch.Generator().manual_seed(0)
@@ -216,8 +217,8 @@ def int4_matmul(x, w_packed, n, k, group_size, scale, zero_point=None):
 def bit_planes(w_packed, bits):
     """Return the 8 // bits fields of every byte of `w_packed`, lowest first, each uint8 of its shape.
 
-    Masks and shifts run on int32 words (four bytes at a time, one mask for all four), which PyTorch
-    vectorizes; the same operations on uint8 elements are slower. Rows that do not split into
+    Masks and shifts run on int32 words (four bytes at a time, one mask for all four), because PyTorch
+    vectorizes those better than the same operations on uint8 elements. Rows that do not split into
     int32 words take the uint8 operations.
     """
     mask = (1 << bits) - 1
@@ -231,8 +232,8 @@ def bit_planes(w_packed, bits):
 def unpacked_offset_codes(w_packed, bits, k):
     """Return the stored (offset) codes, code + 2^(bits - 1), of plain packed bytes: uint8 (N, K).
 
-    Each byte is widened to a word of 8 // bits bytes and its fields are shifted into those bytes with
-    in-place integer operations; the words, read as bytes, are the codes in order (little-endian).
+    Each byte is widened to a word of 8 // bits bytes, and in-place integer operations shift its fields
+    into those bytes. Read as bytes, the words are then the codes in order (little-endian).
     This is several times faster than interleaving masked copies of the bytes.
     """
     per_byte = 8 // bits

@@ -1,7 +1,7 @@
 """Weight-only quantized linear layers (W8A16, W4A16, W2A16).
 
 A layer keeps integer codes for its weight and a float scale per output channel (N) or per group of
-S inputs (N, G); the input activations stay in floating point (the "A16" half of W8A16). Shapes:
+S inputs (N, G). The input activations stay in floating point (the "A16" half of W8A16). Shapes:
 N = out_features, K = in_features, G = K / S groups of S = group_size, B/T = batch/tokens.
 
 Buffers, all registered so that `state_dict()` and memory footprints see every byte:
@@ -329,8 +329,9 @@ class QuantizedLinearLayer(QuantizedLinear):
     def dequantize_forward(self, x):
         """Compute the W8A16 formula with the scale and bias applied in place, on the new (T, N) output.
 
-        Without a kernel the formula is already the cheap route (one conversion of the codes, no float
-        weight); in place it skips two (T, N) temporaries and rounds exactly as `plain_forward` does.
+        Without a kernel the formula is already the cheap route, because it converts the codes once and
+        builds no float weight. Working in place skips two (T, N) temporaries and rounds exactly as
+        `plain_forward` does.
         """
         if x.dtype == torch.float16:
             return super().dequantize_forward(x)  # unscaled sums would overflow, as in plain_forward

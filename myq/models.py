@@ -160,8 +160,8 @@ def build_opt_350m(dtype=torch.bfloat16, seed=0):
 def runtime_dtype():
     """Return (device, dtype, reason): where the notebooks run models, in which float dtype, and why.
 
-    bfloat16 on the CPU and on GPUs that compute in it natively (compute capability 8.0 and up);
-    float16 on older GPUs such as the T4 of Colab's free tier.
+    The dtype is bfloat16 on the CPU and on GPUs that compute in it natively (compute capability 8.0
+    and up). Older GPUs, such as the T4 of Colab's free tier, get float16.
     """
     if not torch.cuda.is_available():
         return "cpu", torch.bfloat16, "no GPU: bfloat16 on the CPU"

@@ -2,7 +2,7 @@
 
 PyTorch has no int4 or int2 dtype, so sub-byte codes travel in uint8 bytes. The layout, fixed once here:
 
-- Codes are packed along the last dimension (K). A byte holds `8 // bits` neighbouring codes.
+- Codes are packed along the last dimension (K). A byte contains `8 // bits` neighbouring codes.
 - The first code of a byte goes into the lowest bits ("little end first").
 - Signed codes are stored with an offset (offset binary): stored = code + 2^(bits-1), so a 4-bit code
   in [-8, 7] is stored as an unsigned nibble in [0, 15]. This is also how PyTorch's int4 kernels read

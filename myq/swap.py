@@ -18,14 +18,14 @@ from .quant import SUPPORTED_BITS, check_bits, divisors_of
 
 @dataclass
 class SwapReport:
-    """Which linear modules a swap replaced and which it left alone, by dotted name."""
+    """The dotted names of the linear modules a swap replaced and of those it skipped."""
     replaced: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
 
 
 @dataclass
 class QuantizationConfig:
-    """How a model was quantized; `quantize_model` stores one as `model.myq_config`."""
+    """The settings and module lists of a quantized model, stored by `quantize_model` as `model.myq_config`."""
     bits: int
     group_size: int | None
     symmetric: bool
@@ -65,7 +65,7 @@ def shared_weight_names(module):
             for names in by_tensor.values() if len(names) > 1 for name in names}
 
 
-def _check_targets(module, targets, layer_kwargs, quantized):
+def check_targets(module, targets, layer_kwargs, quantized):
     """Raise before anything is changed when a target cannot be quantized as asked."""
     tied = shared_weight_names(module)
     group_size = layer_kwargs.get("group_size")
@@ -100,7 +100,7 @@ def replace_linear_with_target(module, target_class, exclude=("lm_head",), quant
     if not targets:
         raise ValueError(f"found no nn.Linear to replace outside exclude={tuple(exclude)} "
                          f"(excluded: {skipped or 'none'}); is the model quantized already?")
-    _check_targets(module, targets, layer_kwargs, quantized)
+    check_targets(module, targets, layer_kwargs, quantized)
 
     report = SwapReport(skipped=skipped)
     for parent, name, dotted, linear in targets:

@@ -101,16 +101,7 @@ def test_w4_report_in_process(capsys, tmp_path):
     assert rows["footprint (MB)"][2] < 0.5
 
 
-def test_save_without_support_says_so(monkeypatch, tmp_path):
-    monkeypatch.delattr(myq, "save_quantized", raising=False)
-    line = cli.save_model(None, None, tmp_path)
-    assert line == "saving is not available yet in this version of myq: nothing was saved"
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_save_writes_safetensors(capsys, tmp_path):
-    if not hasattr(myq, "save_quantized"):
-        pytest.skip("this version of myq has no save_quantized")
     status = cli.main(["quantize", "--offline", "--eval-chars", "2000", "--save", str(tmp_path / "w8")])
     header, _, _ = parse_report(capsys.readouterr().out)
     assert status == 0

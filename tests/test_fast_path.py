@@ -36,7 +36,8 @@ def expected_kernel(bits, group_size, symmetric, n, k, rows, dtype=torch.bfloat1
 
 def assert_agree(fast, plain):
     """Fast and plain outputs differ only by rounding: within 1% of the largest output."""
-    assert fast.shape == plain.shape and fast.dtype == plain.dtype
+    assert fast.shape == plain.shape
+    assert fast.dtype == plain.dtype
     scale = plain.float().abs().max().item()
     torch.testing.assert_close(fast.float(), plain.float(), rtol=0.02, atol=0.01 * scale)
 
@@ -137,7 +138,7 @@ def test_prepared_layout_round_trips(group_size, symmetric):
 
     assert layer.prepare_fast() is True
     assert layer.layout == "int4pack_cpu"
-    assert not torch.equal(layer.weight, state["weight"])  # the buffer really holds the other layout
+    assert not torch.equal(layer.weight, state["weight"])  # the buffer now contains the kernel layout
     assert torch.equal(layer.int_weight(), codes)
     prepared_state = layer.state_dict()
     assert list(prepared_state) == list(state)
@@ -288,12 +289,15 @@ def test_table_ratios_use_first_row():
             bench.Variant("W4", None, quantize_seconds=1.5, footprint_bytes=1_000_000, decode_seconds=[0.5],
                           prefill_seconds=[0.8])]
     bf16, w4 = bench.table_rows(rows, new_tokens=8)
-    assert bf16["decode_tokens_per_s"] == 8.0 and bf16["decode_ratio"] == 1.0
-    assert w4["decode_tokens_per_s"] == 16.0 and w4["decode_ratio"] == 2.0
+    assert bf16["decode_tokens_per_s"] == 8.0
+    assert bf16["decode_ratio"] == 1.0
+    assert w4["decode_tokens_per_s"] == 16.0
+    assert w4["decode_ratio"] == 2.0
     assert w4["prefill_ratio"] == 0.5
     assert w4["footprint_mb"] == 1.0
     text = bench.format_table([bf16, w4], new_tokens=8, prefill_tokens=16)
-    assert "2.00x" in text and "0.50x" in text
+    assert "2.00x" in text
+    assert "0.50x" in text
 
 
 def test_bench_arguments_checked():

@@ -9,8 +9,10 @@ from myq.quant import linear_dequantize, linear_quantize
 def test_seed_layer_buffers_and_names():
     layer = QuantizedLinearLayer(16, 4, bias=True, dtype=torch.bfloat16)
     assert set(dict(layer.named_buffers())) == {"weight", "scale", "bias"}
-    assert layer.weight.dtype == torch.int8 and layer.weight.shape == (4, 16)
-    assert layer.scale.dtype == torch.bfloat16 and layer.scale.shape == (4,)
+    assert layer.weight.dtype == torch.int8
+    assert layer.weight.shape == (4, 16)
+    assert layer.scale.dtype == torch.bfloat16
+    assert layer.scale.shape == (4,)
     assert list(layer.parameters()) == []
 
 
